@@ -1,0 +1,1 @@
+"""flwr-noise ClientApp: local training with weight noise."""

@@ -1,0 +1,226 @@
+"""WeightNoise: applies a NoiseSpec to the parameters of a torch.nn.Module."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from flwr_noise.sampling import FlatTensorNoise, NoiseReport
+from flwr_noise.seeding import noise_seed_sequence, torch_generator
+from flwr_noise.spec import NoiseSpec
+
+
+class WeightNoise:
+    """Adds the noise described by a :class:`NoiseSpec` to a model's weights.
+
+    The selected parameters are the model's floating-point
+    ``named_parameters()`` whose name ``spec.selects()``; buffers (normalization
+    running statistics, ``num_batches_tracked``) and integer tensors are never
+    touched. One ``torch.Generator`` per device, seeded once from
+    ``seeding.torch_generator(spec.seed, client=..., server_round=...,
+    purpose=...)``, is consumed application after application. With a disabled
+    spec (``std == 0``) everything is a no-op and the weights stay bit-identical.
+
+    Build it after the model is on its device: the noise buffers are allocated
+    once, beside the parameters.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model whose parameters get noise, in place.
+    spec : NoiseSpec
+        What noise to add.
+    client : int | str (default: 0)
+        Client key of the noise stream: the partition id.
+    server_round : int (default: 1)
+        The Flower round; selects the stream, and is the schedule time
+        (``server_round - 1``) for ``schedule_unit="round"``.
+    start_step : int (default: 0)
+        Applications made before this object (earlier rounds), so that the
+        ``"step"`` schedule continues where it stopped.
+    purpose : str (default: "local")
+        Purpose of the stream, one of ``seeding.PURPOSES``.
+    track_norm : bool (default: True)
+        Accumulate the L2 norm of the noise on the device (read only by
+        :meth:`report` and :meth:`perturb`); without it reported norms are nan.
+
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        spec: NoiseSpec,
+        *,
+        client: int | str = 0,
+        server_round: int = 1,
+        start_step: int = 0,
+        purpose: str = "local",
+        track_norm: bool = True,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(
+                f"model={type(model).__name__} is not allowed: expected a "
+                "torch.nn.Module"
+            )
+        if not isinstance(spec, NoiseSpec):
+            raise TypeError(
+                f"spec={spec!r} is not allowed: expected a flwr_noise.NoiseSpec"
+            )
+        if not isinstance(start_step, numbers.Integral) or isinstance(start_step, bool):
+            raise TypeError(
+                f"start_step={start_step!r} is not allowed: expected an int >= 0"
+            )
+        if start_step < 0:
+            raise ValueError(
+                f"start_step={start_step!r} is not allowed: expected an int >= 0"
+            )
+        # Validates client, server_round and purpose with one clear error.
+        noise_seed_sequence(
+            spec.seed, client=client, server_round=server_round, purpose=purpose
+        )
+        self.spec = spec
+        self.client = client
+        self.server_round = int(server_round)
+        self.purpose = purpose
+        self._start_step = int(start_step)
+        self._applications = 0
+        self._last_sigma = 0.0
+        self._noise: FlatTensorNoise | None = None
+        selected = [
+            (name, parameter)
+            for name, parameter in model.named_parameters()
+            if parameter.is_floating_point() and spec.selects(name)
+        ]
+        self.parameter_names: tuple[str, ...] = tuple(name for name, _ in selected)
+        if not spec.enabled:
+            return
+        if not selected:
+            warnings.warn(
+                f"NoiseSpec(include={spec.include!r}, exclude={spec.exclude!r}) "
+                "selects no floating-point parameter of the model; no noise "
+                "will be added",
+                stacklevel=2,
+            )
+            return
+
+        def generator_for(device: torch.device, substream: int) -> torch.Generator:
+            return torch_generator(
+                spec.seed,
+                client=client,
+                server_round=server_round,
+                purpose=purpose,
+                device=device,
+                substream=substream,
+            )
+
+        self._noise = FlatTensorNoise(
+            [parameter for _, parameter in selected],
+            distribution=spec.distribution,
+            mode=spec.mode,
+            relative=spec.relative,
+            generator_for=generator_for,
+            track_norm=track_norm,
+        )
+
+    @property
+    def step(self) -> int:
+        """Number of noise applications so far, plus ``start_step``."""
+        return self._start_step + self._applications
+
+    @property
+    def numel(self) -> int:
+        """Number of elements perturbed by one application."""
+        return 0 if self._noise is None else self._noise.numel
+
+    def _schedule_time(self) -> int:
+        if self.spec.schedule_unit == "round":
+            return max(self.server_round - 1, 0)
+        return self.step
+
+    def _apply(self, noise: FlatTensorNoise) -> float:
+        sigma = self.spec.sigma_at(self._schedule_time())
+        noise.apply(sigma)
+        self._applications += 1
+        self._last_sigma = sigma
+        return sigma
+
+    def perturb(self) -> NoiseReport:
+        """Add noise once now and advance :attr:`step`.
+
+        Returns
+        -------
+        NoiseReport
+            This application: its scheduled sigma, the L2 norm of the change
+            (one host sync; nan without ``track_norm``), the number of
+            perturbed elements. All zero, with ``applications=0``, when the
+            spec is disabled.
+
+        """
+        noise = self._noise
+        if noise is None:
+            return NoiseReport(sigma=0.0, l2_norm=0.0, numel=0, applications=0)
+        sigma = self._apply(noise)
+        return NoiseReport(sigma=sigma, l2_norm=noise.last_l2_norm(), numel=noise.numel)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+        """Add noise after every ``optimizer.step()``.
+
+        Uses ``optimizer.register_step_post_hook``; attaching twice adds the
+        noise twice per step.
+
+        Parameters
+        ----------
+        optimizer : torch.optim.Optimizer
+            The optimizer that trains the model.
+
+        Returns
+        -------
+        torch.utils.hooks.RemovableHandle
+            ``handle.remove()`` stops the noise. With a disabled spec no hook
+            is registered and the handle does nothing.
+
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer={type(optimizer).__name__} is not allowed: expected a "
+                "torch.optim.Optimizer"
+            )
+        noise = self._noise
+        if noise is None:
+            return RemovableHandle(OrderedDict())
+
+        def add_noise_after_step(
+            _optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any
+        ) -> None:
+            self._apply(noise)
+
+        return optimizer.register_step_post_hook(add_noise_after_step)
+
+    def report(self) -> NoiseReport:
+        """Return what was added since construction (one host sync).
+
+        Returns
+        -------
+        NoiseReport
+            The last application's sigma, ``l2_norm = sqrt(sum of squared
+            per-application norms)`` (nan without ``track_norm``), the number of
+            elements perturbed per application, and the number of applications.
+
+        """
+        if self._noise is None:
+            return NoiseReport(sigma=0.0, l2_norm=0.0, numel=0, applications=0)
+        l2_norm = self._noise.total_l2_norm() if self._applications else 0.0
+        if not self._noise.track_norm:
+            l2_norm = math.nan
+        return NoiseReport(
+            sigma=self._last_sigma,
+            l2_norm=l2_norm,
+            numel=self._noise.numel,
+            applications=self._applications,
+        )

@@ -1,0 +1,769 @@
+"""Weight noise for Flower projects on the legacy strategy and NumPyClient API.
+
+Server side, :class:`NoisyLegacyStrategy` (also importable as
+``NoisyStrategy``) wraps any ``flwr.server.strategy.Strategy`` (FedAvg,
+FedProx, FedAdam, ...)::
+
+    strategy = NoisyLegacyStrategy(
+        FedAvg(...),
+        local=NoiseSpec(std=0.01, seed=0),
+        aggregation=NoiseSpec(std=0.001, seed=0),
+        array_names=list(model.state_dict()),  # optional, see below
+    )
+
+Client side, a ``NumPyClient`` becomes a :class:`NoisyNumPyClient` by
+changing its base class and setting ``self.model``; its ``fit`` is left as it
+is::
+
+    class FlowerClient(NoisyNumPyClient):  # was: NumPyClient
+        def __init__(self, model, trainloader, partition_id):
+            self.model = model  # the torch.nn.Module that fit trains
+            self.partition_id = partition_id  # stable noise stream (optional)
+            self.trainloader = trainloader
+
+        def fit(self, parameters, config):
+            ...  # the usual training loop, any optimizer
+
+The conventions are those of the Message-API :class:`flwr_noise.NoisyStrategy`:
+the local spec travels in the fit config as flat entries under
+``noise.local.``, the round under ``server-round``, and the metrics have the
+same names. One difference: legacy configs carry only scalars, so the list
+entries ``include`` / ``exclude`` travel as JSON strings
+(:func:`spec_to_legacy_config`, :func:`spec_from_legacy_config`).
+
+Legacy ``Parameters`` carry no array names. Include/exclude patterns of the
+specs match ``arr_0``, ``arr_1``, ... unless the strategy is given
+``array_names`` (e.g. ``list(model.state_dict())``, in the order in which the
+client sends the arrays); with them, patterns can name layers, and
+normalization statistics (names ending in ``running_mean``, ``running_var``,
+``num_batches_tracked``) are never perturbed on the server.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import numbers
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.client import NumPyClient
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    NDArrays,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import Strategy
+from flwr.supercore import log
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.hooks import RemovableHandle
+
+from flwr_noise.hook import WeightNoise
+from flwr_noise.mod import _server_round, noise_metrics
+from flwr_noise.sampling import NoiseReport, perturb_arrays
+from flwr_noise.seeding import AGGREGATE_CLIENT, numpy_generator
+from flwr_noise.spec import NoiseSpec
+from flwr_noise.strategy import (
+    LOCAL_PREFIX,
+    REPLIES_DROPPED_KEY,
+    REPLIES_FAILED_KEY,
+    REPLIES_RECEIVED_KEY,
+    SERVER_ROUND_KEY,
+    ArraySignature,
+    _enabled_or_none,
+    _signature_mismatch,
+    noise_metric_key,
+)
+
+# A NumPyClient does not know its node id: the strategy sends each client the
+# key of its noise streams beside the local spec.
+CLIENT_KEY_CONFIG_KEY = "noise-client-key"
+# The only serialization the server can decode to add noise and check replies.
+NUMPY_TENSOR_TYPE = "numpy.ndarray"
+# Client-reported metrics that the strategy averages into the round's metrics.
+_CLIENT_REPORTED_KEYS = (
+    noise_metric_key("local", "sigma"),
+    noise_metric_key("local", "l2"),
+)
+_WRAPPED_FIT_MARK = "__flwr_noise_local_noise__"
+
+ClientKeyFn = Callable[[ClientProxy], int | str]
+
+
+def _list_keys(prefix: str) -> list[str]:
+    """Keys of the spec entries that ``NoiseSpec.to_config`` writes as lists."""
+    defaults = NoiseSpec().to_config(prefix)
+    return [key for key, value in defaults.items() if isinstance(value, list)]
+
+
+def spec_to_legacy_config(
+    spec: NoiseSpec, prefix: str = LOCAL_PREFIX
+) -> dict[str, Scalar]:
+    """Return a spec as flat entries of a legacy ``FitIns`` config.
+
+    The legacy API only carries ``Scalar`` values (bool, bytes, float, int,
+    str), so the list entries of :meth:`NoiseSpec.to_config` (``include``,
+    ``exclude``) travel as JSON strings; everything else is unchanged.
+    """
+    return {
+        key: json.dumps(value) if isinstance(value, list) else value
+        for key, value in spec.to_config(prefix).items()
+    }
+
+
+def spec_from_legacy_config(
+    config: Mapping[str, Any], prefix: str = LOCAL_PREFIX
+) -> NoiseSpec:
+    """Build a spec from the entries written by :func:`spec_to_legacy_config`.
+
+    Raises
+    ------
+    ValueError
+        If an entry is missing or invalid (including a list entry that is not
+        a JSON list); the message names the full key.
+    TypeError
+        If an entry has the wrong type; the message names the full key.
+
+    """
+    record = dict(config)
+    for key in _list_keys(prefix):
+        value = record.get(key)
+        if not isinstance(value, str):
+            continue
+        try:
+            record[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(
+                f"config[{key!r}]={value!r} is not allowed: expected a JSON list "
+                "of regular expressions, e.g. '[\"bias$\"]'"
+            ) from None
+    return NoiseSpec.from_config(record, prefix)
+
+
+def _decode(parameters: Parameters, what: str) -> NDArrays:
+    if parameters.tensor_type != NUMPY_TENSOR_TYPE:
+        raise ValueError(
+            f"{what}.tensor_type={parameters.tensor_type!r} is not allowed: "
+            f"expected {NUMPY_TENSOR_TYPE!r} (flwr.common.ndarrays_to_parameters)"
+        )
+    return parameters_to_ndarrays(parameters)
+
+
+def _first_non_finite(arrays: Mapping[str, np.ndarray]) -> str | None:
+    for name, array in arrays.items():
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            return name
+    return None
+
+
+def _weighted_mean(values: Sequence[tuple[int, float]]) -> float:
+    total = sum(weight for weight, _ in values)
+    if total <= 0:
+        return float(np.mean([value for _, value in values]))
+    return sum(weight * value for weight, value in values) / total
+
+
+def _is_metric_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+class NoisyLegacyStrategy(Strategy):
+    """Legacy-API strategy wrapper that injects weight noise into training.
+
+    Wraps any ``flwr.server.strategy.Strategy`` and delegates everything to it;
+    the noise is added around the wrapped ``configure_fit`` and
+    ``aggregate_fit``. ``initialize_parameters`` and evaluation are delegated
+    untouched. A spec that is ``None`` or disabled (``std == 0``) is off.
+
+    Every ``FitIns`` config gets ``server-round`` (legacy strategies do not
+    send it); with ``local`` on also the spec (flat entries under
+    ``noise.local.``) and ``noise-client-key``, the client key of the
+    receiving client, for a :class:`NoisyNumPyClient` that has no partition
+    id. Every client gets its own ``FitIns``: the wrapped strategy's configs
+    and parameters are never modified.
+
+    Broadcast and aggregation noise are applied once per round, with schedule
+    time ``server_round - 1``, each on its own stream:
+    ``seeding.numpy_generator(spec.seed, client=client key,
+    server_round=server_round, purpose="broadcast")``; the aggregate uses the
+    client key ``seeding.AGGREGATE_CLIENT`` and purpose ``"aggregation"``.
+
+    Replies: a ``FitRes`` whose arrays hold NaN or Inf, or whose number,
+    shapes or dtypes of arrays differ from those sent in the round, is
+    dropped (removed from ``results``) with a WARNING naming the client,
+    before the wrapped ``aggregate_fit`` runs. ``failures`` are passed
+    through as they are.
+
+    Metrics: when any spec is on, the round's fit metrics get
+    ``noise-broadcast-sigma`` / ``noise-broadcast-l2`` (mean L2 norm over the
+    clients' copies), ``noise-aggregation-sigma`` / ``noise-aggregation-l2``
+    for the kinds that are on; ``noise-local-sigma`` / ``noise-local-l2``,
+    the ``num_examples``-weighted mean of what the kept clients reported
+    (kept when the wrapped strategy's metrics already have them); and
+    ``replies-received`` (FitRes received), ``replies-failed``
+    (``len(failures)``), ``replies-dropped``. The same values, per round, are
+    in :attr:`round_noise`. With every spec off the metrics are the wrapped
+    strategy's, unchanged.
+
+    Parameters
+    ----------
+    strategy : flwr.server.strategy.Strategy
+        The strategy to wrap.
+    local : NoiseSpec | None (default: None)
+        Noise the clients add during local training (see
+        :class:`NoisyNumPyClient`).
+    broadcast : NoiseSpec | None (default: None)
+        Noise on each client's copy of the global model.
+    aggregation : NoiseSpec | None (default: None)
+        Noise on the aggregated model.
+    client_key_fn : Callable[[ClientProxy], int | str] | None (default: None)
+        Maps a client to the client key of its broadcast stream (and of its
+        local stream, if the client has no partition id); ``None`` uses
+        ``client_proxy.cid``.
+    array_names : Sequence[str] | None (default: None)
+        Names of the arrays in ``Parameters``, in order, for the specs'
+        ``include`` / ``exclude`` patterns; ``None`` names them ``arr_0``,
+        ``arr_1``, ... . With a model's ``state_dict`` keys, normalization
+        statistics are recognized by name and never perturbed.
+
+    Examples
+    --------
+    ::
+
+        strategy = NoisyLegacyStrategy(
+            FedAvg(min_fit_clients=2, min_available_clients=2),
+            local=NoiseSpec(std=0.01, seed=0),
+            aggregation=NoiseSpec(std=0.001, seed=0),
+        )
+        app = ServerApp(
+            server_fn=lambda context: ServerAppComponents(
+                strategy=strategy, config=ServerConfig(num_rounds=5)
+            )
+        )
+
+    """
+
+    # pylint: disable=too-many-arguments
+    def __init__(
+        self,
+        strategy: Strategy,
+        *,
+        local: NoiseSpec | None = None,
+        broadcast: NoiseSpec | None = None,
+        aggregation: NoiseSpec | None = None,
+        client_key_fn: ClientKeyFn | None = None,
+        array_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(strategy, Strategy):
+            raise TypeError(
+                f"strategy={strategy!r} is not allowed: expected an instance of "
+                "flwr.server.strategy.Strategy"
+            )
+        if client_key_fn is not None and not callable(client_key_fn):
+            raise TypeError(
+                f"client_key_fn={client_key_fn!r} is not allowed: expected a "
+                "callable ClientProxy -> int | str, or None"
+            )
+        names = None if array_names is None else self._checked_names(array_names)
+        self.strategy = strategy
+        self.local = _enabled_or_none("local", local)
+        self.broadcast = _enabled_or_none("broadcast", broadcast)
+        self.aggregation = _enabled_or_none("aggregation", aggregation)
+        self.client_key_fn = client_key_fn
+        self.array_names: tuple[str, ...] | None = names
+        # Per round: what was injected and how many replies were used.
+        self.round_noise: dict[int, dict[str, float]] = {}
+        self._sent_signatures: dict[int, ArraySignature] = {}
+
+    def __repr__(self) -> str:
+        """Return a string representation of the strategy."""
+        return f"NoisyLegacyStrategy({self.strategy!r})"
+
+    @staticmethod
+    def _checked_names(array_names: Iterable[str]) -> tuple[str, ...]:
+        expected = "a sequence of distinct str (e.g. list(model.state_dict())) or None"
+        if isinstance(array_names, str | bytes) or not isinstance(
+            array_names, Iterable
+        ):
+            raise TypeError(
+                f"array_names={array_names!r} is not allowed: expected {expected}"
+            )
+        names = tuple(array_names)
+        if not all(isinstance(name, str) for name in names):
+            raise TypeError(
+                f"array_names={array_names!r} is not allowed: expected {expected}"
+            )
+        if len(set(names)) != len(names):
+            raise ValueError(
+                f"array_names={array_names!r} is not allowed: expected {expected}"
+            )
+        return names
+
+    @property
+    def active(self) -> bool:
+        """Whether any noise is on."""
+        return any(
+            spec is not None for spec in (self.local, self.broadcast, self.aggregation)
+        )
+
+    def client_key(self, client: ClientProxy) -> int | str:
+        """Return the client key of the noise streams of ``client``."""
+        if self.client_key_fn is None:
+            return client.cid
+        return self.client_key_fn(client)
+
+    def _named(self, arrays: NDArrays) -> dict[str, np.ndarray]:
+        """Return ``arrays`` as a name -> array dict (see ``array_names``)."""
+        if self.array_names is None:
+            return {f"arr_{index}": array for index, array in enumerate(arrays)}
+        if len(self.array_names) != len(arrays):
+            raise ValueError(
+                f"array_names has {len(self.array_names)} names but the "
+                f"parameters hold {len(arrays)} arrays: expected one name per "
+                "array, in order"
+            )
+        return dict(zip(self.array_names, arrays, strict=True))
+
+    def _perturb(
+        self,
+        arrays: Mapping[str, np.ndarray],
+        spec: NoiseSpec,
+        sigma: float,
+        *,
+        client: int | str,
+        server_round: int,
+        purpose: str,
+    ) -> tuple[Parameters, NoiseReport]:
+        """Return perturbed ``Parameters`` of ``arrays`` and the noise report."""
+        rng = numpy_generator(
+            spec.seed, client=client, server_round=server_round, purpose=purpose
+        )
+        perturbed, report = perturb_arrays(arrays, spec, sigma, rng)
+        return ndarrays_to_parameters(list(perturbed.values())), report
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        """Initialize the global model parameters (delegated)."""
+        return self.strategy.initialize_parameters(client_manager)
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        """Configure the next round of training, with each client's noise."""
+        instructions = self.strategy.configure_fit(
+            server_round, parameters, client_manager
+        )
+        global_arrays = self._named(_decode(parameters, "parameters"))
+        self._sent_signatures[server_round] = {
+            name: (array.shape, str(array.dtype))
+            for name, array in global_arrays.items()
+        }
+        round_info: dict[str, float] = {}
+        self.round_noise[server_round] = round_info
+
+        entries: dict[str, Scalar] = {SERVER_ROUND_KEY: server_round}
+        if self.local is not None:
+            entries.update(spec_to_legacy_config(self.local))
+        broadcast_sigma = (
+            0.0 if self.broadcast is None else self.broadcast.sigma_at(server_round - 1)
+        )
+        broadcast_norms: list[float] = []
+        # Strategies share one Parameters among the clients: decode each once.
+        decoded = {id(parameters): global_arrays}
+        configured: list[tuple[ClientProxy, FitIns]] = []
+        for client, fit_ins in instructions:
+            key = self.client_key(client)
+            config = {**fit_ins.config, **entries}
+            if self.local is not None:
+                config[CLIENT_KEY_CONFIG_KEY] = key
+            fit_parameters = fit_ins.parameters
+            if self.broadcast is not None:
+                arrays = decoded.get(id(fit_parameters))
+                if arrays is None:
+                    arrays = self._named(_decode(fit_parameters, "FitIns.parameters"))
+                    decoded[id(fit_parameters)] = arrays
+                fit_parameters, report = self._perturb(
+                    arrays,
+                    self.broadcast,
+                    broadcast_sigma,
+                    client=key,
+                    server_round=server_round,
+                    purpose="broadcast",
+                )
+                broadcast_norms.append(report.l2_norm)
+            configured.append((client, FitIns(fit_parameters, config)))
+
+        if self.broadcast is not None:
+            round_info[noise_metric_key("broadcast", "sigma")] = broadcast_sigma
+            round_info[noise_metric_key("broadcast", "l2")] = (
+                float(np.mean(broadcast_norms)) if broadcast_norms else 0.0
+            )
+        return configured
+
+    def _reply_problem(
+        self, fit_res: FitRes, expected: ArraySignature | None
+    ) -> str | None:
+        """Return why a FitRes must be dropped, or None."""
+        try:
+            arrays = self._named(_decode(fit_res.parameters, "FitRes.parameters"))
+        except ValueError as error:
+            return str(error)
+        if expected is not None:
+            got = {
+                name: (array.shape, str(array.dtype)) for name, array in arrays.items()
+            }
+            mismatch = _signature_mismatch(expected, got)
+            if mismatch is not None:
+                return mismatch
+        non_finite = _first_non_finite(arrays)
+        if non_finite is not None:
+            return f"array {non_finite!r} holds NaN or Inf"
+        return None
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Aggregate the valid results, then add the aggregation noise."""
+        expected = self._sent_signatures.pop(server_round, None)
+        kept: list[tuple[ClientProxy, FitRes]] = []
+        for client, fit_res in results:
+            problem = self._reply_problem(fit_res, expected)
+            if problem is not None:
+                log(
+                    WARNING,
+                    "NoisyLegacyStrategy: dropping the fit result of client %s in "
+                    "round %s: %s",
+                    client.cid,
+                    server_round,
+                    problem,
+                )
+                continue
+            kept.append((client, fit_res))
+
+        parameters, metrics = self.strategy.aggregate_fit(server_round, kept, failures)
+
+        round_info = self.round_noise.setdefault(server_round, {})
+        round_info[REPLIES_RECEIVED_KEY] = len(results)
+        round_info[REPLIES_FAILED_KEY] = len(failures)
+        round_info[REPLIES_DROPPED_KEY] = len(results) - len(kept)
+        for key in _CLIENT_REPORTED_KEYS:
+            reported = [
+                (fit_res.num_examples, float(fit_res.metrics[key]))
+                for _, fit_res in kept
+                if _is_metric_number(fit_res.metrics.get(key))
+            ]
+            if self.local is not None and reported:
+                round_info[key] = _weighted_mean(reported)
+        if parameters is not None and self.aggregation is not None:
+            sigma = self.aggregation.sigma_at(server_round - 1)
+            parameters, report = self._perturb(
+                self._named(_decode(parameters, "aggregated parameters")),
+                self.aggregation,
+                sigma,
+                client=AGGREGATE_CLIENT,
+                server_round=server_round,
+                purpose="aggregation",
+            )
+            log(
+                INFO,
+                "NoisyLegacyStrategy: aggregation noise (sigma %.4g, L2 norm %.4g) "
+                "added",
+                sigma,
+                report.l2_norm,
+            )
+            round_info[noise_metric_key("aggregation", "sigma")] = sigma
+            round_info[noise_metric_key("aggregation", "l2")] = report.l2_norm
+
+        if not self.active:
+            return parameters, metrics
+        metrics = dict(metrics)
+        for key, value in round_info.items():
+            if key in _CLIENT_REPORTED_KEYS and key in metrics:
+                continue
+            metrics[key] = value if isinstance(value, int) else float(value)
+        return parameters, metrics
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        """Configure the next round of evaluation (delegated)."""
+        return self.strategy.configure_evaluate(
+            server_round, parameters, client_manager
+        )
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        """Aggregate evaluation results (delegated)."""
+        return self.strategy.aggregate_evaluate(server_round, results, failures)
+
+    def evaluate(
+        self, server_round: int, parameters: Parameters
+    ) -> tuple[float, dict[str, Scalar]] | None:
+        """Evaluate the global model on the server (delegated)."""
+        return self.strategy.evaluate(server_round, parameters)
+
+
+NoisyStrategy = NoisyLegacyStrategy
+
+
+class _OptimizerStepNoise:
+    """While active, adds local noise after every step of the model's optimizers.
+
+    A global optimizer step pre hook sees every optimizer of the process; the
+    first time one whose parameters include one of ``owner.model``'s steps,
+    the :class:`WeightNoise` is attached to it (a step post hook, so the noise
+    follows that very step and every later one). The ``WeightNoise`` is built
+    at the first such step, when the model is on its device and holds the
+    received weights. Other optimizers (e.g. other clients' in other threads)
+    are left alone.
+    """
+
+    def __init__(
+        self,
+        owner: NoisyNumPyClient,
+        spec: NoiseSpec,
+        *,
+        client: int | str,
+        server_round: int,
+        start_step: int,
+    ) -> None:
+        self.owner = owner
+        self.spec = spec
+        self.client = client
+        self.server_round = server_round
+        self.start_step = start_step
+        self.noise: WeightNoise | None = None
+        self._seen: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+        self._handles: list[RemovableHandle] = []
+
+    def __enter__(self) -> _OptimizerStepNoise:
+        self._handles.append(register_optimizer_step_pre_hook(self._before_step))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _before_step(
+        self, optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any
+    ) -> None:
+        if optimizer in self._seen:
+            return
+        self._seen.add(optimizer)
+        model = self.owner.model
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(
+                f"{type(self.owner).__name__}.model={model!r} is not allowed: "
+                "expected the torch.nn.Module that fit trains"
+            )
+        model_parameters = {id(parameter) for parameter in model.parameters()}
+        if not any(
+            id(parameter) in model_parameters
+            for group in optimizer.param_groups
+            for parameter in group["params"]
+        ):
+            return
+        if self.noise is None:
+            self.noise = WeightNoise(
+                model,
+                self.spec,
+                client=self.client,
+                server_round=self.server_round,
+                start_step=self.start_step,
+                purpose="local",
+            )
+        self._handles.append(self.noise.attach(optimizer))
+
+    def report(self) -> NoiseReport:
+        """Return what the noise did (zeros if no optimizer stepped the model)."""
+        if self.noise is None:
+            return NoiseReport(sigma=0.0, l2_norm=0.0, numel=0, applications=0)
+        return self.noise.report()
+
+
+def _fit_with_local_noise(fit: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a ``NumPyClient.fit`` so that it trains with the server's local noise."""
+
+    @functools.wraps(fit)
+    def fit_with_local_noise(
+        self: NoisyNumPyClient, parameters: NDArrays, config: dict[str, Scalar]
+    ) -> Any:
+        # A subclass's fit calling super().fit() is already inside a session.
+        if self._local_noise_active or not NoiseSpec.in_config(config, LOCAL_PREFIX):
+            return fit(self, parameters, config)
+        spec = spec_from_legacy_config(config)
+        if not spec.enabled:
+            return fit(self, parameters, config)
+        server_round = _server_round(config)
+        local_steps = self.local_steps or 0
+        step_noise = _OptimizerStepNoise(
+            self,
+            spec,
+            client=self._noise_client_key(config),
+            server_round=server_round,
+            start_step=max(server_round - 1, 0) * local_steps,
+        )
+        self._local_noise_active = True
+        try:
+            with step_noise:
+                result = fit(self, parameters, config)
+        finally:
+            self._local_noise_active = False
+        report = step_noise.report()
+        if report.applications == 0:
+            log(
+                WARNING,
+                "%s.fit: no optimizer stepped the parameters of self.model, so no "
+                "local noise was added",
+                type(self).__name__,
+            )
+        if (
+            isinstance(result, tuple)
+            and len(result) == 3
+            and isinstance(result[2], dict)
+        ):
+            new_parameters, num_examples, metrics = result
+            result = (
+                new_parameters,
+                num_examples,
+                {**metrics, **noise_metrics(report)},
+            )
+        return result
+
+    setattr(fit_with_local_noise, _WRAPPED_FIT_MARK, True)
+    return fit_with_local_noise
+
+
+class NoisyNumPyClient(NumPyClient):
+    """A ``NumPyClient`` whose ``fit`` trains with the server-sent local noise.
+
+    To adopt it, change a client's base class from ``NumPyClient`` to
+    ``NoisyNumPyClient`` and set ``self.model`` to the ``torch.nn.Module``
+    that ``fit`` trains; ``fit`` itself stays as it is. When the fit config
+    holds a local spec (sent by :class:`NoisyLegacyStrategy` under
+    ``noise.local.``), every optimizer step on the model's parameters during
+    ``fit`` is followed by one application of the noise
+    (:class:`flwr_noise.WeightNoise`), whatever optimizer and training loop
+    ``fit`` uses: a global optimizer step hook is registered for the duration
+    of ``fit`` only and acts only on optimizers that hold parameters of
+    ``self.model``. The fit metrics then get ``noise-local-sigma`` (the last
+    application's sigma), ``noise-local-l2`` (L2 norm of all the noise added)
+    and ``noise-local-applications``. Without a spec, or with a disabled one,
+    ``fit`` runs unchanged.
+
+    This works by wrapping the ``fit`` that a subclass defines when the
+    subclass is created; ``evaluate`` and the other methods are untouched.
+
+    Client key of the noise stream: ``partition_id`` when set (stable across
+    runs), else the ``noise-client-key`` the strategy sent (its
+    ``client_key_fn``, by default the client's cid, which changes between
+    runs).
+
+    Parameters
+    ----------
+    model : torch.nn.Module | None (default: None)
+        The model ``fit`` trains; may also be assigned to ``self.model``
+        directly (e.g. without calling this constructor), at the latest in
+        ``fit`` before the first optimizer step.
+    partition_id : int | str | None (default: None)
+        This client's partition id, e.g. ``context.node_config["partition-id"]``;
+        also settable as ``self.partition_id``.
+    local_steps : int | None (default: None)
+        Optimizer steps per round. With it a ``"step"`` noise schedule
+        continues across rounds (``start_step = (server_round - 1) *
+        local_steps``); without it the schedule restarts every round, because
+        a ``NumPyClient`` keeps no state between rounds.
+
+    Examples
+    --------
+    ::
+
+        class FlowerClient(NoisyNumPyClient):
+            def __init__(self, model, trainloader, partition_id):
+                super().__init__(model, partition_id=partition_id)
+                self.trainloader = trainloader
+
+            def fit(self, parameters, config):
+                set_weights(self.model, parameters)
+                train(self.model, self.trainloader)  # builds its own optimizer
+                return get_weights(self.model), len(self.trainloader.dataset), {}
+
+
+        def client_fn(context):
+            partition_id = context.node_config["partition-id"]
+            client = FlowerClient(Net(), load_data(partition_id), partition_id)
+            return client.to_client()
+
+    """
+
+    model: torch.nn.Module | None = None
+    partition_id: int | str | None = None
+    local_steps: int | None = None
+    _local_noise_active: bool = False
+
+    def __init__(
+        self,
+        model: torch.nn.Module | None = None,
+        *,
+        partition_id: int | str | None = None,
+        local_steps: int | None = None,
+    ) -> None:
+        super().__init__()
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(
+                f"model={model!r} is not allowed: expected a torch.nn.Module or None"
+            )
+        if local_steps is not None and (
+            not isinstance(local_steps, numbers.Integral)
+            or isinstance(local_steps, bool)
+            or local_steps < 1
+        ):
+            raise ValueError(
+                f"local_steps={local_steps!r} is not allowed: expected an int >= 1 "
+                "or None"
+            )
+        # Only assign what was given: a subclass may have set them already.
+        if model is not None:
+            self.model = model
+        if partition_id is not None:
+            self.partition_id = partition_id
+        if local_steps is not None:
+            self.local_steps = int(local_steps)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Wrap the ``fit`` a subclass defines so that it applies the local noise."""
+        super().__init_subclass__(**kwargs)
+        fit = cls.__dict__.get("fit")
+        if callable(fit) and not getattr(fit, _WRAPPED_FIT_MARK, False):
+            cls.fit = _fit_with_local_noise(fit)  # type: ignore[method-assign]
+
+    def _noise_client_key(self, config: Mapping[str, Any]) -> int | str:
+        if self.partition_id is not None:
+            return self.partition_id
+        if CLIENT_KEY_CONFIG_KEY in config:
+            return config[CLIENT_KEY_CONFIG_KEY]
+        raise ValueError(
+            f"{type(self).__name__} has no client key for its noise stream: set "
+            "partition_id (e.g. context.node_config['partition-id']) or let "
+            f"NoisyLegacyStrategy send {CLIENT_KEY_CONFIG_KEY!r} in the fit config"
+        )

@@ -1,0 +1,41 @@
+"""In-process reproduction of Adilova, Paul, Schlicht (2018), without Flower.
+
+``python -m flwr_noise.reproduce --help`` runs sweeps from the command line;
+``run_experiment`` and ``run_serial_baseline`` run one configuration and seed;
+``run_sweep`` runs a ``SweepGrid``; ``write_report`` writes its summary.
+"""
+
+from flwr_noise.reproduce.report import markdown_summary, write_report
+from flwr_noise.reproduce.runner import (
+    NO_NOISE,
+    PLACEMENTS,
+    ExperimentConfig,
+    LearnerData,
+    RoundRecord,
+    RunResult,
+    SerialResult,
+    load_learner_data,
+    run_experiment,
+    run_serial_baseline,
+    weighted_average,
+)
+from flwr_noise.reproduce.sweep import SweepGrid, SweepRunner, run_sweep
+
+__all__ = [
+    "NO_NOISE",
+    "PLACEMENTS",
+    "ExperimentConfig",
+    "LearnerData",
+    "RoundRecord",
+    "RunResult",
+    "SerialResult",
+    "SweepGrid",
+    "SweepRunner",
+    "load_learner_data",
+    "markdown_summary",
+    "run_experiment",
+    "run_serial_baseline",
+    "run_sweep",
+    "weighted_average",
+    "write_report",
+]

@@ -1,0 +1,250 @@
+"""Command line of the paper reproduction: ``python -m flwr_noise.reproduce``.
+
+Every list option is one axis of a cartesian product (see ``SweepGrid``); the
+sweep runs each configuration once per seed and writes ``summary.json``,
+``summary.md`` and ``accuracy_vs_noise_<model>.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from flwr_noise.reproduce.report import write_report
+from flwr_noise.reproduce.runner import PLACEMENTS, check_float, check_int
+from flwr_noise.reproduce.sweep import SweepGrid, SweepRunner
+from flwr_noise.spec import DISTRIBUTIONS, SCHEDULES
+from flwr_noise.tasks.data import DATASETS, PARTITION_SCHEMES
+from flwr_noise.tasks.models import MODELS
+
+PROGRAM = "python -m flwr_noise.reproduce"
+ALL_IMAGES = "all"
+BOOLEANS = {"true": True, "false": False}
+
+# SweepGrid / ExperimentConfig field -> command-line flag, for error messages.
+FLAGS: dict[str, str] = {
+    "models": "--model",
+    "model": "--model",
+    "learners": "--learners",
+    "images_per_learner": "--images-per-learner",
+    "local_steps": "--local-steps",
+    "rounds": "--rounds",
+    "total_local_steps": "--total-local-steps",
+    "noise_stds": "--noise-std",
+    "noise_std": "--noise-std",
+    "schedules": "--schedule",
+    "placements": "--placement",
+    "partitionings": "--partitioning",
+    "batch_sizes": "--batch-size",
+    "batch_size": "--batch-size",
+    "learning_rates": "--lr",
+    "learning_rate": "--lr",
+    "dirichlet_alpha": "--dirichlet-alpha",
+    "seeds": "--seeds",
+}
+
+
+def _cli_type(
+    parse: Callable[[str], Any], check: Callable[[Any], Any], expected: str
+) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return check(parse(text))
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not allowed: expected {expected}"
+            ) from None
+
+    convert.__name__ = expected
+    return convert
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    return _cli_type(
+        int, lambda value: check_int("value", value, minimum), f"an int >= {minimum}"
+    )
+
+
+def _float(*, positive: bool) -> Callable[[str], float]:
+    expected = "a finite number > 0" if positive else "a finite number >= 0"
+    return _cli_type(
+        float, lambda value: check_float("value", value, positive=positive), expected
+    )
+
+
+def _images(text: str) -> int | None:
+    if text == ALL_IMAGES:
+        return None
+    return _cli_type(
+        int,
+        lambda value: check_int("value", value, 1),
+        f"an int >= 1 or {ALL_IMAGES!r}",
+    )(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser."""
+    parser = argparse.ArgumentParser(
+        prog=PROGRAM,
+        description=(
+            "Reproduce Adilova, Paul, Schlicht (2018): m learners train with "
+            "mini-batch SGD and are averaged every b steps, with weight noise. "
+            "Every option that takes several values is an axis of a cartesian "
+            "product; each configuration runs once per seed."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--dataset", choices=DATASETS, default="digits", help="dataset")
+    add("--data-dir", default="", help="folder of MNIST IDX files")
+    add("--model", nargs="+", choices=MODELS, default=["mlp"], help="models")
+    add("--learners", nargs="+", type=_int_at_least(1), default=[4], help="m")
+    add(
+        "--images-per-learner",
+        nargs="+",
+        type=_images,
+        default=[None],
+        help=f"training images per learner, or {ALL_IMAGES!r} (whole partition)",
+    )
+    add(
+        "--local-steps",
+        nargs="+",
+        type=_int_at_least(1),
+        default=[10],
+        help="b: local SGD steps between two averagings",
+    )
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--rounds", type=_int_at_least(1), default=None, help="averagings (10)"
+    )
+    budget.add_argument(
+        "--total-local-steps",
+        type=_int_at_least(1),
+        default=None,
+        help="local steps per learner in all; rounds = this / b (same samples "
+        "for every b)",
+    )
+    add(
+        "--noise-std",
+        nargs="+",
+        type=_float(positive=False),
+        default=[0.0, 0.001, 0.003, 0.01, 0.03],
+        help="noise standard deviations (0: no noise)",
+    )
+    add("--schedule", nargs="+", choices=SCHEDULES, default=["constant"])
+    add(
+        "--relative",
+        nargs="*",
+        choices=sorted(BOOLEANS),
+        default=["false"],
+        help="scale the noise by each tensor's RMS; alone it means 'true', "
+        "'--relative false true' runs both",
+    )
+    add(
+        "--placement",
+        nargs="+",
+        choices=PLACEMENTS,
+        default=["local"],
+        help="local: after every local step; received: once per round on each "
+        "learner's copy of the average; aggregation: on the average",
+    )
+    add("--distribution", choices=DISTRIBUTIONS, default="gaussian")
+    add("--partitioning", nargs="+", choices=PARTITION_SCHEMES, default=["iid"])
+    add("--dirichlet-alpha", type=_float(positive=True), default=0.5)
+    add("--batch-size", nargs="+", type=_int_at_least(1), default=[16], help="B")
+    add("--lr", nargs="+", type=_float(positive=True), default=[0.05])
+    add("--seeds", nargs="+", type=_int_at_least(0), default=[0])
+    add(
+        "--record-rounds",
+        action="store_true",
+        help="evaluate every round, not only the last",
+    )
+    add("--threads", type=_int_at_least(1), default=None, help="torch CPU threads")
+    add("--no-plots", action="store_true", help="skip the PNG plots")
+    add("--quiet", action="store_true", help="no progress lines")
+    add("--out", required=True, help="output folder")
+    return parser
+
+
+def grid_from_args(args: argparse.Namespace) -> SweepGrid:
+    """Build the sweep grid from parsed arguments (validated by ``SweepGrid``)."""
+    rounds = args.rounds
+    if rounds is None and args.total_local_steps is None:
+        rounds = 10
+    relative = [BOOLEANS[value] for value in args.relative] or [True]
+    return SweepGrid(
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        models=tuple(args.model),
+        learners=tuple(args.learners),
+        images_per_learner=tuple(args.images_per_learner),
+        local_steps=tuple(args.local_steps),
+        rounds=rounds,
+        total_local_steps=args.total_local_steps,
+        noise_stds=tuple(args.noise_std),
+        schedules=tuple(args.schedule),
+        relative=tuple(relative),
+        placements=tuple(args.placement),
+        partitionings=tuple(args.partitioning),
+        batch_sizes=tuple(args.batch_size),
+        learning_rates=tuple(args.lr),
+        dirichlet_alpha=args.dirichlet_alpha,
+        distribution=args.distribution,
+        seeds=tuple(args.seeds),
+        record_rounds=args.record_rounds,
+    )
+
+
+def _with_flags(message: str) -> str:
+    """Name command-line flags instead of Python fields in an error message."""
+    pattern = r"\b(" + "|".join(sorted(FLAGS, key=len, reverse=True)) + r")="
+    return re.sub(pattern, lambda match: FLAGS[match.group(1)] + "=", message)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the sweep the arguments describe and write its report.
+
+    Parameters
+    ----------
+    argv : Sequence[str] | None (default: None)
+        The arguments; ``None`` is ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        The exit status (argument errors exit with status 2).
+
+    """
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(arguments)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    progress = None if args.quiet else lambda line: print(line, flush=True)
+    try:
+        grid = grid_from_args(args)
+        runner = SweepRunner(grid, progress=progress)
+        runner.check_data()
+    except (TypeError, ValueError) as error:
+        parser.error(_with_flags(str(error)))
+    if progress is not None:
+        progress(
+            f"{len(runner.configurations)} configurations x {len(grid.seeds)} "
+            f"seeds = {len(runner.configurations) * len(grid.seeds)} runs"
+        )
+    summary = runner.run()
+    written = write_report(
+        summary,
+        args.out,
+        command=[*PROGRAM.split(), *arguments],
+        plots=not args.no_plots,
+    )
+    if progress is not None:
+        for path in written:
+            progress(f"wrote {path}")
+    return 0

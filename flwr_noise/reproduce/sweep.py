@@ -1,0 +1,440 @@
+"""A sweep: the cartesian product of experiment settings, run over several seeds.
+
+Every combination of the listed values is one configuration (noise-free
+combinations that differ only in how the zero noise would be placed or
+scheduled are one configuration). Each configuration runs once per seed; the
+summary holds, per configuration, the mean and standard deviation over seeds
+of the local models' accuracy before averaging, of the averaged model's
+accuracy, of the two serial baselines' accuracy, and of the paired (same seed)
+difference to the noise-free configuration with the same other settings.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from flwr_noise.reproduce.runner import (
+    ExperimentConfig,
+    LearnerData,
+    RunResult,
+    SerialResult,
+    check_int,
+    load_learner_data,
+    run_experiment,
+    run_serial_baseline,
+)
+from flwr_noise.tasks.training import get_device
+
+SUMMARY_FORMAT = "flwr-noise-reproduce/1"
+
+
+@dataclass(frozen=True)
+class SweepGrid:
+    """The settings of a sweep; every tuple field is one axis of the product.
+
+    Parameters
+    ----------
+    dataset : str (default: "digits")
+        ``"digits"`` or ``"mnist"``.
+    data_dir : str (default: "")
+        MNIST IDX folder.
+    models : tuple[str, ...] (default: ("mlp",))
+        Models to train.
+    learners : tuple[int, ...] (default: (4,))
+        Numbers of learners m.
+    images_per_learner : tuple[int | None, ...] (default: (None,))
+        Training images per learner; ``None``: the whole partition.
+    local_steps : tuple[int, ...] (default: (10,))
+        Values of b, the local steps between averagings.
+    rounds : int | None (default: 10)
+        Number of averagings, the same for every b. Exactly one of ``rounds``
+        and ``total_local_steps`` is given.
+    total_local_steps : int | None (default: None)
+        Local steps per learner over the whole run; ``rounds = total / b``, so
+        runs with different b see the same number of samples (and share their
+        serial baselines). Every b must divide it.
+    noise_stds : tuple[float, ...] (default: (0, 1e-3, 3e-3, 1e-2, 3e-2))
+        Noise standard deviations; include 0 for the paired comparison.
+    schedules : tuple[str, ...] (default: ("constant",))
+        Noise schedules.
+    relative : tuple[bool, ...] (default: (False,))
+        Absolute and/or relative (scaled by each tensor's RMS) noise.
+    placements : tuple[str, ...] (default: ("local",))
+        ``"local"``, ``"received"``, ``"aggregation"``.
+    partitionings : tuple[str, ...] (default: ("iid",))
+        ``"iid"`` and/or ``"dirichlet"``.
+    batch_sizes : tuple[int, ...] (default: (16,))
+        Mini-batch sizes B.
+    learning_rates : tuple[float, ...] (default: (0.05,))
+        SGD step sizes.
+    dirichlet_alpha : float (default: 0.5)
+        Concentration of the Dirichlet partitioning.
+    distribution : str (default: "gaussian")
+        Noise distribution.
+    seeds : tuple[int, ...] (default: (0,))
+        Seeds; every configuration runs once per seed.
+    record_rounds : bool (default: False)
+        Evaluate after every round (adds per-round curves to the summary).
+
+    Raises
+    ------
+    TypeError, ValueError
+        If a value is not allowed; the message names the field.
+
+    """
+
+    dataset: str = "digits"
+    data_dir: str = ""
+    models: tuple[str, ...] = ("mlp",)
+    learners: tuple[int, ...] = (4,)
+    images_per_learner: tuple[int | None, ...] = (None,)
+    local_steps: tuple[int, ...] = (10,)
+    rounds: int | None = 10
+    total_local_steps: int | None = None
+    noise_stds: tuple[float, ...] = (0.0, 0.001, 0.003, 0.01, 0.03)
+    schedules: tuple[str, ...] = ("constant",)
+    relative: tuple[bool, ...] = (False,)
+    placements: tuple[str, ...] = ("local",)
+    partitionings: tuple[str, ...] = ("iid",)
+    batch_sizes: tuple[int, ...] = (16,)
+    learning_rates: tuple[float, ...] = (0.05,)
+    dirichlet_alpha: float = 0.5
+    distribution: str = "gaussian"
+    seeds: tuple[int, ...] = (0,)
+    record_rounds: bool = False
+
+    def __post_init__(self) -> None:
+        for name in (
+            "models",
+            "learners",
+            "images_per_learner",
+            "local_steps",
+            "noise_stds",
+            "schedules",
+            "relative",
+            "placements",
+            "partitionings",
+            "batch_sizes",
+            "learning_rates",
+            "seeds",
+        ):
+            values = getattr(self, name)
+            if not isinstance(values, Sequence) or isinstance(values, str):
+                raise TypeError(
+                    f"{name}={values!r} is not allowed: expected a tuple of values"
+                )
+            if not values:
+                raise ValueError(
+                    f"{name}={values!r} is not allowed: expected at least one value"
+                )
+            # Keep the first occurrence of each value, in the given order.
+            object.__setattr__(self, name, tuple(dict.fromkeys(values)))
+        for seed in self.seeds:
+            check_int("seeds", seed, 0)
+        if (self.rounds is None) == (self.total_local_steps is None):
+            raise ValueError(
+                f"rounds={self.rounds!r} and total_local_steps="
+                f"{self.total_local_steps!r} are not allowed together: expected "
+                "exactly one of them"
+            )
+        if self.rounds is not None:
+            check_int("rounds", self.rounds, 1)
+        else:
+            check_int("total_local_steps", self.total_local_steps, 1)
+            for local_steps in self.local_steps:
+                check_int("local_steps", local_steps, 1)
+                if self.total_local_steps % local_steps:
+                    raise ValueError(
+                        f"local_steps={local_steps!r} is not allowed with "
+                        f"total_local_steps={self.total_local_steps}: expected a "
+                        "divisor of total_local_steps"
+                    )
+        # Builds (and so validates) every configuration once.
+        self.configurations()
+
+    def rounds_for(self, local_steps: int) -> int:
+        """Return the number of rounds of runs with ``local_steps`` steps per round."""
+        if self.rounds is not None:
+            return self.rounds
+        assert self.total_local_steps is not None
+        return self.total_local_steps // local_steps
+
+    def configurations(self) -> list[ExperimentConfig]:
+        """Return every distinct configuration of the product, in a stable order.
+
+        The order nests the axes as listed in the class (models outermost,
+        noise std innermost), so each noise-free configuration precedes the
+        noisy ones it is compared with.
+        """
+        configurations: dict[ExperimentConfig, None] = {}
+        for (
+            model,
+            images,
+            local_steps,
+            learners,
+            partitioning,
+            batch_size,
+            learning_rate,
+            placement,
+            relative,
+            schedule,
+            noise_std,
+        ) in itertools.product(
+            self.models,
+            self.images_per_learner,
+            self.local_steps,
+            self.learners,
+            self.partitionings,
+            self.batch_sizes,
+            self.learning_rates,
+            self.placements,
+            self.relative,
+            self.schedules,
+            self.noise_stds,
+        ):
+            config = ExperimentConfig(
+                dataset=self.dataset,
+                data_dir=self.data_dir,
+                model=model,
+                learners=learners,
+                images_per_learner=images,
+                local_steps=local_steps,
+                rounds=self.rounds_for(local_steps),
+                batch_size=batch_size,
+                learning_rate=learning_rate,
+                noise_std=noise_std,
+                schedule=schedule,
+                relative=relative,
+                placement=placement,
+                distribution=self.distribution,
+                partitioning=partitioning,
+                dirichlet_alpha=self.dirichlet_alpha,
+                record_rounds=self.record_rounds,
+            )
+            configurations.setdefault(config.canonical(), None)
+        return list(configurations)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the fields as a JSON-ready dict."""
+        return {
+            name: list(value) if isinstance(value, tuple) else value
+            for name, value in asdict(self).items()
+        }
+
+
+def summarize(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (0 for one value) and the values."""
+    array = np.asarray(values, dtype=np.float64)
+    std = float(array.std(ddof=1)) if len(array) > 1 else 0.0
+    return {"mean": float(array.mean()), "std": std, "values": array.tolist()}
+
+
+def noise_free_counterpart(config: ExperimentConfig) -> ExperimentConfig:
+    """Return the configuration with the same settings and no noise."""
+    return replace(config, noise_std=0.0).canonical()
+
+
+def _data_key(config: ExperimentConfig, seed: int) -> tuple[Any, ...]:
+    return (
+        config.dataset,
+        config.data_dir,
+        config.learners,
+        config.images_per_learner,
+        config.partitioning,
+        config.dirichlet_alpha,
+        seed,
+    )
+
+
+class SweepRunner:
+    """Runs a grid, sharing data and serial baselines between configurations.
+
+    Parameters
+    ----------
+    grid : SweepGrid
+        What to run.
+    progress : Callable[[str], None] | None (default: None)
+        Receives one line per finished run.
+    device : torch.device | None (default: None)
+        Where to train; ``None`` is ``get_device()``.
+
+    """
+
+    def __init__(
+        self,
+        grid: SweepGrid,
+        *,
+        progress: Callable[[str], None] | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        self.grid = grid
+        self.configurations = grid.configurations()
+        self._progress = progress
+        self._device = get_device() if device is None else device
+        self._data: dict[tuple[Any, ...], LearnerData] = {}
+        self._serial: dict[tuple[Any, ...], SerialResult] = {}
+        self.results: dict[tuple[ExperimentConfig, int], RunResult] = {}
+
+    def data(self, config: ExperimentConfig, seed: int) -> LearnerData:
+        """Return the learners' data of ``config`` and ``seed`` (loaded once)."""
+        key = _data_key(config, seed)
+        if key not in self._data:
+            self._data[key] = load_learner_data(config, seed, self._device)
+        return self._data[key]
+
+    def check_data(self) -> None:
+        """Load every configuration's data up front, so bad sizes fail fast."""
+        for config in self.configurations:
+            for seed in self.grid.seeds:
+                self.data(config, seed)
+
+    def serial(
+        self, config: ExperimentConfig, seed: int, *, large_batch: bool
+    ) -> SerialResult:
+        """Return a serial baseline of ``config`` and ``seed`` (trained once)."""
+        key = (*config.serial_key(), seed, large_batch)
+        if key not in self._serial:
+            self._serial[key] = run_serial_baseline(
+                config,
+                seed,
+                large_batch=large_batch,
+                data=self.data(config, seed),
+                device=self._device,
+            )
+        return self._serial[key]
+
+    def run(self) -> dict[str, Any]:
+        """Run every configuration with every seed; return the summary."""
+        self.check_data()
+        total = len(self.configurations) * len(self.grid.seeds)
+        done = 0
+        for config in self.configurations:
+            for seed in self.grid.seeds:
+                result = run_experiment(
+                    config, seed, data=self.data(config, seed), device=self._device
+                )
+                self.results[(config, seed)] = result
+                serial = self.serial(config, seed, large_batch=False)
+                large = self.serial(config, seed, large_batch=True)
+                done += 1
+                if self._progress is not None:
+                    self._progress(
+                        f"[{done}/{total}] {describe(config)} seed={seed}: local "
+                        f"{result.final.local_accuracy_mean:.4f}, averaged "
+                        f"{result.final.averaged_accuracy:.4f}, serial "
+                        f"{serial.accuracy:.4f} / {large.accuracy:.4f} "
+                        f"({result.seconds:.1f} s)"
+                    )
+        return self.summary()
+
+    def summary(self) -> dict[str, Any]:
+        """Return the summary of the runs done so far (see ``run_sweep``)."""
+        entries = [
+            self._entry(config)
+            for config in self.configurations
+            if all((config, seed) in self.results for seed in self.grid.seeds)
+        ]
+        return {
+            "format": SUMMARY_FORMAT,
+            "grid": self.grid.to_dict(),
+            "num_configurations": len(entries),
+            "entries": entries,
+        }
+
+    def _entry(self, config: ExperimentConfig) -> dict[str, Any]:
+        seeds = self.grid.seeds
+        runs = [self.results[(config, seed)] for seed in seeds]
+        finals = [run.final for run in runs]
+        serial = [self.serial(config, seed, large_batch=False) for seed in seeds]
+        large = [self.serial(config, seed, large_batch=True) for seed in seeds]
+        entry: dict[str, Any] = {
+            "config": config.to_dict(),
+            "seeds": list(seeds),
+            "local_accuracy": summarize([f.local_accuracy_mean for f in finals]),
+            "local_accuracy_min": summarize([f.local_accuracy_min for f in finals]),
+            "local_accuracy_max": summarize([f.local_accuracy_max for f in finals]),
+            "averaged_accuracy": summarize([f.averaged_accuracy for f in finals]),
+            "serial_accuracy": summarize([s.accuracy for s in serial]),
+            "serial_large_batch_accuracy": summarize([s.accuracy for s in large]),
+            "serial_steps": serial[0].steps,
+            "serial_large_batch_steps": large[0].steps,
+            "serial_large_batch_size": large[0].batch_size,
+        }
+        baseline = noise_free_counterpart(config)
+        if all((baseline, seed) in self.results for seed in seeds):
+            base_finals = [self.results[(baseline, seed)].final for seed in seeds]
+            entry["local_gain"] = summarize(
+                [
+                    f.local_accuracy_mean - b.local_accuracy_mean
+                    for f, b in zip(finals, base_finals, strict=True)
+                ]
+            )
+            entry["averaged_gain"] = summarize(
+                [
+                    f.averaged_accuracy - b.averaged_accuracy
+                    for f, b in zip(finals, base_finals, strict=True)
+                ]
+            )
+        if config.record_rounds:
+            entry["rounds"] = [
+                {
+                    "round": records[0].round,
+                    "local_accuracy": _mean(r.local_accuracy_mean for r in records),
+                    "averaged_accuracy": _mean(r.averaged_accuracy for r in records),
+                }
+                for records in zip(*(run.rounds for run in runs), strict=True)
+            ]
+        return entry
+
+
+def _mean(values: Any) -> float:
+    return float(np.mean(list(values)))
+
+
+def describe(config: ExperimentConfig) -> str:
+    """Return one short line naming a configuration's model, setting and noise."""
+    images = "all" if config.images_per_learner is None else config.images_per_learner
+    return (
+        f"{config.model} m={config.learners} n={images} b={config.local_steps} "
+        f"R={config.rounds} B={config.batch_size} lr={config.learning_rate:g} "
+        f"{config.partitioning} noise={config.noise_label()}"
+    )
+
+
+def run_sweep(
+    grid: SweepGrid,
+    *,
+    progress: Callable[[str], None] | None = None,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """Run every configuration of ``grid`` with every seed; return the summary.
+
+    Parameters
+    ----------
+    grid : SweepGrid
+        What to run.
+    progress : Callable[[str], None] | None (default: None)
+        Receives one line per finished run.
+    device : torch.device | None (default: None)
+        Where to train; ``None`` is ``get_device()``.
+
+    Returns
+    -------
+    dict[str, Any]
+        ``{"format", "grid", "num_configurations", "entries"}``; each entry
+        has ``config``, ``seeds``, ``local_accuracy``, ``local_accuracy_min``,
+        ``local_accuracy_max``, ``averaged_accuracy``, ``serial_accuracy``,
+        ``serial_large_batch_accuracy`` (each ``{"mean", "std", "values"}``
+        over seeds), the serial baselines' steps and batch size, and, when the
+        grid holds the noise-free counterpart, ``local_gain`` and
+        ``averaged_gain`` (paired per seed). With ``record_rounds`` also
+        ``rounds``: the per-round means over seeds.
+
+    """
+    return SweepRunner(grid, progress=progress, device=device).run()

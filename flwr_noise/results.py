@@ -1,0 +1,481 @@
+"""Results of a run: ``results.json``, ``results.csv`` and ``results.png``.
+
+``ResultsWriter`` rewrites the JSON and the CSV after every round (the plot
+at most every few seconds, and at the end). Each file is written to a
+temporary file in the same folder and moved into place with ``os.replace``,
+so a crash never leaves a truncated file, and a run that stopped early still
+says ``"status": "running"`` (or ``"failed"``).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import numbers
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
+
+RESULTS_JSON = "results.json"
+RESULTS_CSV = "results.csv"
+RESULTS_PNG = "results.png"
+
+STATUS_RUNNING = "running"
+STATUS_COMPLETE = "complete"
+STATUS_FAILED = "failed"
+STATUSES: tuple[str, ...] = (STATUS_RUNNING, STATUS_COMPLETE, STATUS_FAILED)
+
+REQUIRED_ROUND_KEYS: tuple[str, ...] = (
+    "round",
+    "global_accuracy",
+    "global_loss",
+    "local_accuracy_mean",
+    "local_accuracy_min",
+    "local_accuracy_max",
+)
+
+_RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def make_run_name(config: Mapping[str, Any], *, now: datetime | None = None) -> str:
+    """Return an automatic run name: local timestamp and a short config hash.
+
+    Parameters
+    ----------
+    config : Mapping[str, Any]
+        The run's whole config; equal configs give equal hashes.
+    now : datetime | None
+        The time to stamp (default: now).
+
+    Returns
+    -------
+    run_name : str
+        For example ``"20250131-142501-3f2a9c1d"``.
+
+    """
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    canonical = json.dumps(_jsonable(config, "config"), sort_keys=True)
+    digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:8]
+    return f"{stamp}-{digest}"
+
+
+def validate_run_name(run_name: str) -> str:
+    """Return ``run_name`` if it is a valid run folder name, else raise.
+
+    A valid name has letters, digits, ``.``, ``_`` and ``-``, and starts
+    with a letter or digit (no path separators, no hidden folders).
+
+    Raises
+    ------
+    TypeError
+        If the name is not a str.
+    ValueError
+        If the name is not valid.
+
+    """
+    if not isinstance(run_name, str):
+        raise TypeError(f"run name {run_name!r} is not allowed: expected a str")
+    if not _RUN_NAME_PATTERN.fullmatch(run_name):
+        raise ValueError(
+            f"run name {run_name!r} is not allowed: expected letters, digits, '.', "
+            "'_' and '-', starting with a letter or digit"
+        )
+    return run_name
+
+
+def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a run's results.
+
+    Parameters
+    ----------
+    path : str | os.PathLike[str]
+        A ``results.json`` file or the run folder that holds it.
+
+    Returns
+    -------
+    results : dict[str, Any]
+        The parsed ``results.json`` (``run_name``, ``config``, ``rounds``,
+        ``status``, ...). Non-finite numbers were stored as ``null``.
+
+    Raises
+    ------
+    ValueError
+        If the file is not a results file.
+
+    """
+    file = Path(path)
+    if file.is_dir():
+        file = file / RESULTS_JSON
+    with file.open(encoding="utf-8") as handle:
+        results = json.load(handle)
+    if not isinstance(results, dict) or not {"rounds", "status", "config"} <= set(
+        results
+    ):
+        raise ValueError(
+            f"results file {str(file)!r} is not allowed: expected a JSON object "
+            "with 'config', 'rounds' and 'status'"
+        )
+    return results
+
+
+class ResultsWriter:
+    """Write a run's results after every round.
+
+    The run folder is ``<results_dir>/<run_name>``. ``results.json`` is
+    written at once (no rounds, status ``"running"``) and rewritten, with
+    the CSV (and the plot, see ``plot_interval``), by every ``add_round``.
+    Use it as a context manager to mark the run ``"complete"`` on a normal
+    exit and ``"failed"`` on an exception.
+
+    Parameters
+    ----------
+    results_dir : str | os.PathLike[str]
+        Folder that holds the run folders; created when missing.
+    run_name : str | None
+        Name of the run folder: letters, digits, ``.``, ``_`` and ``-``.
+        ``None`` or ``""``: ``make_run_name(config)``, with a numeric suffix
+        when that folder exists already. An explicit name that exists is
+        reused and its results are overwritten.
+    config : Mapping[str, Any]
+        The run's whole config (JSON-serializable values).
+    plot : bool
+        Whether to write ``results.png``.
+    plot_interval : float
+        While the run is running, ``results.png`` is redrawn at most once per
+        this many seconds (drawing takes a few tenths of a second, more than
+        a small round); ``0`` redraws it after every round. Finishing the run
+        always redraws it.
+
+    Examples
+    --------
+    >>> with ResultsWriter("results", "", config) as writer:  # doctest: +SKIP
+    ...     writer.add_round({"round": 1, "global_accuracy": 0.9, ...})
+
+    """
+
+    def __init__(
+        self,
+        results_dir: str | os.PathLike[str],
+        run_name: str | None,
+        config: Mapping[str, Any],
+        *,
+        plot: bool = True,
+        plot_interval: float = 5.0,
+    ) -> None:
+        self._config = _jsonable(config, "config")
+        if not isinstance(self._config, dict):
+            raise TypeError(
+                f"config of type {type(config).__name__} is not allowed: "
+                "expected a mapping"
+            )
+        base = Path(results_dir)
+        if run_name:
+            run_dir = base / validate_run_name(run_name)
+        else:
+            run_dir = _unused_folder(base, make_run_name(self._config))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._run_dir = run_dir
+        self._plot = plot
+        self._plot_interval = plot_interval
+        self._last_plot: float | None = None
+        self._rounds: list[dict[str, Any]] = []
+        self._info: dict[str, Any] = {}
+        self._status = STATUS_RUNNING
+        self._started_at = _utc_now()
+        self._finished_at: str | None = None
+        self._error: str | None = None
+        self._write_json()
+
+    @property
+    def run_name(self) -> str:
+        """The run's name (its folder's name)."""
+        return self._run_dir.name
+
+    @property
+    def run_dir(self) -> Path:
+        """The folder the files are written to."""
+        return self._run_dir
+
+    @property
+    def json_path(self) -> Path:
+        """Path of ``results.json``."""
+        return self._run_dir / RESULTS_JSON
+
+    @property
+    def csv_path(self) -> Path:
+        """Path of ``results.csv``."""
+        return self._run_dir / RESULTS_CSV
+
+    @property
+    def png_path(self) -> Path:
+        """Path of ``results.png``."""
+        return self._run_dir / RESULTS_PNG
+
+    @property
+    def status(self) -> str:
+        """``"running"``, ``"complete"`` or ``"failed"``."""
+        return self._status
+
+    @property
+    def rounds(self) -> list[dict[str, Any]]:
+        """Copies of the rounds recorded so far."""
+        return [dict(entry) for entry in self._rounds]
+
+    def add_round(self, metrics: Mapping[str, Any]) -> None:
+        """Record one round and rewrite the files.
+
+        Parameters
+        ----------
+        metrics : Mapping[str, Any]
+            The round's values: every key of ``REQUIRED_ROUND_KEYS`` (``round``
+            an int greater than the previous round's, the others numbers),
+            plus any JSON-serializable extras such as the noise injected.
+
+        Raises
+        ------
+        ValueError
+            If a required key is missing or the round number is not new.
+        TypeError
+            If a value has the wrong type or cannot be stored.
+        RuntimeError
+            If the run is finished already.
+
+        """
+        if self._status != STATUS_RUNNING:
+            raise RuntimeError(
+                f"run {self.run_name!r} is {self._status}: no rounds can be added"
+            )
+        entry = _checked_round(metrics)
+        if self._rounds and entry["round"] <= self._rounds[-1]["round"]:
+            raise ValueError(
+                f"round {entry['round']} is not allowed: expected a round after "
+                f"{self._rounds[-1]['round']}"
+            )
+        self._rounds.append(entry)
+        self._write_all(final=False)
+
+    def update_info(self, **fields: Any) -> None:
+        """Add or replace top-level facts about the run and rewrite the JSON.
+
+        They are stored under ``"info"`` in ``results.json``, e.g. the data
+        source or the number of clients.
+        """
+        self._info.update(_jsonable(fields, "info"))
+        self._write_json()
+
+    def finish(
+        self, status: str = STATUS_COMPLETE, *, error: str | None = None
+    ) -> None:
+        """Mark the run finished and rewrite the files.
+
+        Parameters
+        ----------
+        status : str
+            ``"complete"`` or ``"failed"``.
+        error : str | None
+            What went wrong, stored for a failed run.
+
+        """
+        if status not in (STATUS_COMPLETE, STATUS_FAILED):
+            raise ValueError(
+                f"status {status!r} is not allowed: expected 'complete' or 'failed'"
+            )
+        self._status = status
+        self._error = error
+        self._finished_at = _utc_now()
+        self._write_all(final=True)
+
+    def __enter__(self) -> ResultsWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if self._status != STATUS_RUNNING:
+            return
+        if exc is None:
+            self.finish(STATUS_COMPLETE)
+        else:
+            self.finish(STATUS_FAILED, error=f"{type(exc).__name__}: {exc}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the content of ``results.json``."""
+        return {
+            "run_name": self.run_name,
+            "status": self._status,
+            "started_at": self._started_at,
+            "finished_at": self._finished_at,
+            "error": self._error,
+            "config": self._config,
+            "info": self._info,
+            "rounds": self.rounds,
+        }
+
+    def _write_all(self, *, final: bool) -> None:
+        self._write_json()
+        _atomic_write(self.csv_path, _write_csv_rows(self._rounds), binary=False)
+        if not self._plot or not self._rounds:
+            return
+        now = time.monotonic()
+        if (
+            final
+            or self._last_plot is None
+            or now - self._last_plot >= self._plot_interval
+        ):
+            _atomic_write(self.png_path, _plot_rounds(self._rounds), binary=True)
+            self._last_plot = now
+
+    def _write_json(self) -> None:
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        _atomic_write(self.json_path, lambda handle: handle.write(text), binary=False)
+
+
+def _checked_round(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(metrics, Mapping):
+        raise TypeError(
+            f"round metrics of type {type(metrics).__name__} are not allowed: "
+            "expected a mapping"
+        )
+    for key in REQUIRED_ROUND_KEYS:
+        if key not in metrics:
+            raise ValueError(
+                f"round metrics without {key!r} are not allowed: expected the keys "
+                + ", ".join(repr(required) for required in REQUIRED_ROUND_KEYS)
+            )
+    round_number = metrics["round"]
+    if (
+        isinstance(round_number, bool)
+        or not isinstance(round_number, numbers.Integral)
+        or round_number < 1
+    ):
+        raise TypeError(
+            f"round metric 'round' = {round_number!r} is not allowed: expected an "
+            "int >= 1"
+        )
+    for key in REQUIRED_ROUND_KEYS[1:]:
+        value = metrics[key]
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(
+                f"round metric {key!r} = {value!r} is not allowed: expected a number"
+            )
+    entry = {str(key): _jsonable(value, str(key)) for key, value in metrics.items()}
+    entry["round"] = int(round_number)
+    return entry
+
+
+def _jsonable(value: Any, where: str) -> Any:
+    """Return ``value`` as plain JSON data; non-finite floats become ``None``."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        return number if math.isfinite(number) else None
+    if isinstance(value, Mapping):
+        return {
+            str(key): _jsonable(item, f"{where}.{key}") for key, item in value.items()
+        }
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, torch tensors
+        return _jsonable(value.tolist(), where)
+    if isinstance(value, (Sequence, set, frozenset)) and not isinstance(
+        value, (bytes, bytearray)
+    ):
+        return [_jsonable(item, where) for item in value]
+    raise TypeError(
+        f"{where} = {value!r} is not allowed: expected JSON data (numbers, strings, "
+        "booleans, None, lists, mappings)"
+    )
+
+
+def _write_csv_rows(rounds: list[dict[str, Any]]) -> Callable[[IO[Any]], None]:
+    columns = list(REQUIRED_ROUND_KEYS)
+    for entry in rounds:
+        columns.extend(key for key in entry if key not in columns)
+
+    def cell(value: Any) -> Any:
+        if value is None:
+            return ""
+        if isinstance(value, (list, dict)):
+            return json.dumps(value)
+        return value
+
+    def write(handle: IO[Any]) -> None:
+        writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for entry in rounds:
+            writer.writerow({key: cell(value) for key, value in entry.items()})
+
+    return write
+
+
+def _plot_rounds(rounds: list[dict[str, Any]]) -> Callable[[IO[Any]], None]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    def series(key: str) -> list[float]:
+        return [math.nan if entry[key] is None else entry[key] for entry in rounds]
+
+    x = [entry["round"] for entry in rounds]
+    figure = Figure(figsize=(9, 4), layout="constrained")
+    FigureCanvasAgg(figure)  # Agg, without pyplot's global state: thread-safe
+    accuracy, loss = figure.subplots(1, 2)
+    accuracy.plot(x, series("global_accuracy"), marker="o", label="global model")
+    accuracy.plot(
+        x, series("local_accuracy_mean"), marker=".", label="local models (mean)"
+    )
+    accuracy.fill_between(
+        x,
+        series("local_accuracy_min"),
+        series("local_accuracy_max"),
+        alpha=0.25,
+        label="local models (min-max)",
+    )
+    accuracy.set_xlabel("round")
+    accuracy.set_ylabel("test accuracy")
+    accuracy.legend(loc="lower right")
+    accuracy.grid(alpha=0.3)
+    loss.plot(x, series("global_loss"), marker="o", color="tab:red")
+    loss.set_xlabel("round")
+    loss.set_ylabel("global model test loss")
+    loss.grid(alpha=0.3)
+
+    def write(handle: IO[Any]) -> None:
+        figure.savefig(handle, format="png", dpi=100)
+
+    return write
+
+
+def _atomic_write(path: Path, write: Callable[[IO[Any]], Any], *, binary: bool) -> None:
+    """Write ``path`` through a temporary file in its folder and ``os.replace``."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        # open() honours the umask (mkstemp would make the file private).
+        if binary:
+            with open(temporary, "xb") as stream:
+                write(stream)
+        else:
+            with open(temporary, "x", encoding="utf-8", newline="") as text:
+                write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _unused_folder(base: Path, name: str) -> Path:
+    candidate = base / name
+    suffix = 2
+    while candidate.exists():
+        candidate = base / f"{name}-{suffix}"
+        suffix += 1
+    return candidate
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,310 @@
+"""NoiseSpec: an immutable, validated description of one kind of weight noise."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+DISTRIBUTIONS = ("gaussian", "uniform", "laplace")
+MODES = ("additive", "multiplicative")
+SCHEDULES = ("constant", "exponential", "inverse-sqrt", "polynomial")
+SCHEDULE_UNITS = ("step", "round")
+SEED_LIMIT = 2**63
+# A ConfigRecord cannot carry None, so "no seed" travels as this value.
+CONFIG_NO_SEED = -1
+
+ConfigValue = int | float | str | bool | list[str]
+
+
+def _allowed(options: tuple[str, ...]) -> str:
+    return "one of " + ", ".join(repr(option) for option in options)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _real(label: str, value: Any, expected: str) -> float:
+    if not _is_real(value):
+        raise TypeError(
+            f"{label}={value!r} is not allowed: expected a number {expected}"
+        )
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(
+            f"{label}={value!r} is not allowed: expected a finite number {expected}"
+        )
+    return number
+
+
+def _validate_std(label: str, value: Any) -> float:
+    std = _real(label, value, ">= 0")
+    if std < 0:
+        raise ValueError(f"{label}={value!r} is not allowed: expected a number >= 0")
+    return std
+
+
+def _validate_decay(label: str, value: Any) -> float:
+    decay = _real(label, value, "in (0, 1]")
+    if not 0 < decay <= 1:
+        raise ValueError(
+            f"{label}={value!r} is not allowed: expected a number in (0, 1]"
+        )
+    return decay
+
+
+def _validate_gamma(label: str, value: Any) -> float:
+    gamma = _real(label, value, "> 0")
+    if gamma <= 0:
+        raise ValueError(f"{label}={value!r} is not allowed: expected a number > 0")
+    return gamma
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str, Any], str]:
+    def validate(label: str, value: Any) -> str:
+        if not isinstance(value, str):
+            raise TypeError(
+                f"{label}={value!r} is not allowed: expected a str, {_allowed(options)}"
+            )
+        if value not in options:
+            raise ValueError(
+                f"{label}={value!r} is not allowed: expected {_allowed(options)}"
+            )
+        return value
+
+    return validate
+
+
+def _validate_bool(label: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{label}={value!r} is not allowed: expected True or False")
+    return value
+
+
+def _validate_patterns(label: str, value: Any) -> tuple[str, ...]:
+    expected = "a list or tuple of regular expressions (str)"
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(pattern, str) for pattern in value
+    ):
+        raise TypeError(f"{label}={value!r} is not allowed: expected {expected}")
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(
+                f"{label}={value!r} is not allowed: {pattern!r} is not a valid "
+                f"regular expression ({error}); expected {expected}"
+            ) from None
+    return tuple(value)
+
+
+def _validate_seed(label: str, value: Any) -> int | None:
+    expected = f"None or an int with 0 <= seed < 2**63 ({SEED_LIMIT})"
+    if value is None:
+        return None
+    if not _is_integer(value):
+        raise TypeError(f"{label}={value!r} is not allowed: expected {expected}")
+    if not 0 <= value < SEED_LIMIT:
+        raise ValueError(f"{label}={value!r} is not allowed: expected {expected}")
+    return int(value)
+
+
+_VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
+    "std": _validate_std,
+    "distribution": _choice(DISTRIBUTIONS),
+    "mode": _choice(MODES),
+    "relative": _validate_bool,
+    "schedule": _choice(SCHEDULES),
+    "decay": _validate_decay,
+    "gamma": _validate_gamma,
+    "schedule_unit": _choice(SCHEDULE_UNITS),
+    "include": _validate_patterns,
+    "exclude": _validate_patterns,
+    "seed": _validate_seed,
+}
+
+
+@dataclass(frozen=True)
+class NoiseSpec:
+    """Immutable, validated description of one kind of weight noise.
+
+    Every distribution is zero-mean with standard deviation exactly ``sigma``,
+    the scheduled ``std`` at time ``t`` (see :meth:`sigma_at`).
+
+    Parameters
+    ----------
+    std : float (default: 0.0)
+        Base standard deviation ``sigma >= 0``; ``0`` turns the noise off.
+    distribution : str (default: "gaussian")
+        ``"gaussian"``, ``"uniform"`` (on ``[-sqrt(3) sigma, sqrt(3) sigma]``) or
+        ``"laplace"`` (scale ``sigma / sqrt(2)``).
+    mode : str (default: "additive")
+        ``"additive"``: ``w + e``; ``"multiplicative"``: ``w * (1 + e)``.
+    relative : bool (default: False)
+        Scale ``sigma`` by each tensor's RMS, ``sqrt(mean(w**2))``, computed on
+        the current weights each time the noise is applied.
+    schedule : str (default: "constant")
+        ``"constant"``: ``std``; ``"exponential"``: ``std * decay**t``;
+        ``"inverse-sqrt"``: ``std / sqrt(1 + t)``; ``"polynomial"``
+        (Neelakantan et al. 2015): ``sigma_t**2 = std**2 / (1 + t)**gamma``.
+    decay : float (default: 0.99)
+        Decay factor of the exponential schedule, ``0 < decay <= 1``.
+    gamma : float (default: 0.55)
+        Exponent of the polynomial schedule, ``gamma > 0``.
+    schedule_unit : str (default: "step")
+        What ``t`` counts: ``"step"``, noise applications (optimizer steps)
+        since the start of training; ``"round"``, ``server_round - 1``.
+    include : tuple[str, ...] (default: ())
+        Regular expressions (``re.search``) over parameter names; empty means
+        every floating-point parameter. Lists are accepted and stored as tuples.
+    exclude : tuple[str, ...] (default: ())
+        Regular expressions; a name matching any of them is never perturbed.
+    seed : int | None (default: None)
+        ``0 <= seed < 2**63`` for reproducible noise; ``None`` draws fresh
+        entropy from the operating system.
+
+    Raises
+    ------
+    TypeError
+        If a field has the wrong type (``bool`` is not a number).
+    ValueError
+        If a field is out of range, not an allowed string, or not a valid
+        regular expression.
+
+    """
+
+    std: float = 0.0
+    distribution: str = "gaussian"
+    mode: str = "additive"
+    relative: bool = False
+    schedule: str = "constant"
+    decay: float = 0.99
+    gamma: float = 0.55
+    schedule_unit: str = "step"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, validate in _VALIDATORS.items():
+            value = validate(f"NoiseSpec.{name}", getattr(self, name))
+            object.__setattr__(self, name, value)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether this spec adds any noise (``std > 0``)."""
+        return self.std > 0
+
+    def sigma_at(self, t: int) -> float:
+        """Return the scheduled standard deviation at 0-based time ``t``.
+
+        Parameters
+        ----------
+        t : int
+            Schedule time, ``t >= 0``: the number of noise applications so far
+            for ``schedule_unit="step"``, ``server_round - 1`` for ``"round"``.
+
+        Returns
+        -------
+        float
+            ``sigma_t`` (before any ``relative`` scaling).
+
+        """
+        if not _is_integer(t) or t < 0:
+            raise ValueError(f"t={t!r} is not allowed: expected an int >= 0")
+        if self.schedule == "exponential":
+            return self.std * self.decay ** int(t)
+        if self.schedule == "inverse-sqrt":
+            return self.std / math.sqrt(1 + t)
+        if self.schedule == "polynomial":
+            return self.std * (1 + t) ** (-self.gamma / 2)
+        return self.std
+
+    def selects(self, name: str) -> bool:
+        """Return whether the parameter called ``name`` gets noise.
+
+        A name is selected if it matches any ``include`` pattern (or
+        ``include`` is empty) and matches no ``exclude`` pattern.
+        """
+        included = not self.include or any(
+            re.search(pattern, name) for pattern in self.include
+        )
+        return included and not any(
+            re.search(pattern, name) for pattern in self.exclude
+        )
+
+    def to_config(self, prefix: str = "noise.") -> dict[str, ConfigValue]:
+        """Return this spec as flat entries valid in a Flower ``ConfigRecord``.
+
+        Keys are ``prefix + field name`` (``"noise.std"``, ...); ``include`` and
+        ``exclude`` become lists of str; a ``None`` seed is encoded as ``-1``.
+        """
+        config: dict[str, ConfigValue] = {}
+        for name in _VALIDATORS:
+            value = getattr(self, name)
+            if name in ("include", "exclude"):
+                value = list(value)
+            elif name == "seed" and value is None:
+                value = CONFIG_NO_SEED
+            config[prefix + name] = value
+        return config
+
+    @classmethod
+    def from_config(
+        cls, record: Mapping[str, Any], prefix: str = "noise."
+    ) -> NoiseSpec:
+        """Build a spec from the flat entries written by :meth:`to_config`.
+
+        Parameters
+        ----------
+        record : Mapping[str, Any]
+            A ``ConfigRecord`` (or any mapping) holding every key
+            ``prefix + field name``; other keys are ignored.
+        prefix : str (default: "noise.")
+            The prefix the entries were written with.
+
+        Raises
+        ------
+        ValueError
+            If a key is missing or its value is out of range; the message names
+            the full key.
+        TypeError
+            If a value has the wrong type; the message names the full key.
+
+        """
+        values: dict[str, Any] = {}
+        for name, validate in _VALIDATORS.items():
+            key = prefix + name
+            label = f"ConfigRecord[{key!r}]"
+            if key not in record:
+                raise ValueError(
+                    f"{label} is missing: a NoiseSpec under prefix {prefix!r} "
+                    f"needs the keys {[prefix + field for field in _VALIDATORS]}"
+                )
+            value = record[key]
+            if name == "seed" and _is_integer(value) and value == CONFIG_NO_SEED:
+                value = None
+            elif name == "seed" and value is None:
+                raise TypeError(
+                    f"{label}=None is not allowed: expected an int with "
+                    f"0 <= seed < 2**63, or {CONFIG_NO_SEED} for no seed"
+                )
+            values[name] = validate(label, value)
+        return cls(**values)
+
+    @staticmethod
+    def in_config(record: Mapping[str, Any], prefix: str = "noise.") -> bool:
+        """Return whether ``record`` holds a spec under ``prefix``.
+
+        A spec is present when its ``prefix + "std"`` key is; whether the other
+        keys are complete and valid is checked by :meth:`from_config`.
+        """
+        return prefix + "std" in record

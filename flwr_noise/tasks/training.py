@@ -1,0 +1,207 @@
+"""Training and evaluation loops of the reference tasks (plain mini-batch SGD)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def get_device() -> torch.device:
+    """Return the CUDA device when one is available, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_optimizer(model: nn.Module, learning_rate: float) -> torch.optim.SGD:
+    """Return plain SGD (no momentum, no weight decay) over ``model``'s parameters.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model to train.
+    learning_rate : float
+        Step size, finite and positive.
+
+    Returns
+    -------
+    optimizer : torch.optim.SGD
+        The optimizer; attach a noise hook to it before training.
+
+    """
+    _check_learning_rate(learning_rate)
+    return torch.optim.SGD(model.parameters(), lr=learning_rate)
+
+
+def train_steps(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    generator: torch.Generator,
+    learning_rate: float | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> float:
+    """Run exactly ``steps`` mini-batch optimizer steps on ``(x, y)``.
+
+    Each epoch reshuffles the local data with ``generator`` and cuts it into
+    full mini-batches (a trailing partial batch is dropped, so every step sees
+    ``min(batch_size, len(x))`` samples); epochs repeat until ``steps`` steps
+    are done. Every step goes through ``optimizer.step()``, so hooks attached
+    to the optimizer (such as weight noise) run after each step.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model, put in train mode here.
+    x : torch.Tensor
+        Inputs, on the model's device.
+    y : torch.Tensor
+        int64 class labels, on the same device.
+    steps : int
+        Number of optimizer steps, ``>= 1``.
+    batch_size : int
+        Mini-batch size, ``>= 1``.
+    generator : torch.Generator
+        Source of the shuffles; the same seed gives the same batches.
+    learning_rate : float | None
+        Step size of the plain SGD optimizer made when ``optimizer`` is
+        ``None``. With an ``optimizer``, leave it ``None`` or pass the
+        optimizer's own learning rate.
+    optimizer : torch.optim.Optimizer | None
+        The optimizer to step, e.g. one from ``make_optimizer`` with a noise
+        hook attached.
+
+    Returns
+    -------
+    loss : float
+        Mean training cross-entropy over the ``steps`` mini-batches.
+
+    Raises
+    ------
+    ValueError
+        If ``x`` and ``y`` do not match or are empty, ``steps`` or
+        ``batch_size`` is not positive, or the learning rate is missing or
+        does not match the optimizer's.
+
+    """
+    _check_positive_int("steps", steps)
+    _check_positive_int("batch_size", batch_size)
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError(
+            f"training data of {len(x)} inputs and {len(y)} labels is not "
+            "allowed: expected the same, non-zero number of each"
+        )
+    optimizer = _resolve_optimizer(model, learning_rate, optimizer)
+
+    model.train()
+    num_samples = len(x)
+    batch = min(batch_size, num_samples)
+    batches_per_epoch = num_samples // batch
+    # Summed on the device: reading a loss back every step would sync each step.
+    total_loss = torch.zeros((), device=x.device)
+    order = torch.empty(0, dtype=torch.long, device=x.device)
+    for step in range(steps):
+        position = step % batches_per_epoch
+        if position == 0:
+            order = torch.randperm(
+                num_samples, generator=generator, device=generator.device
+            ).to(x.device)
+        indices = order[position * batch : (position + 1) * batch]
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x[indices]), y[indices])
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.detach()
+    return float(total_loss) / steps
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 2048
+) -> tuple[float, float]:
+    """Return the mean cross-entropy loss and the accuracy of ``model`` on ``(x, y)``.
+
+    The model is evaluated in eval mode without gradients, and put back in
+    the mode it was in.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model.
+    x : torch.Tensor
+        Inputs, on the model's device.
+    y : torch.Tensor
+        int64 class labels, on the same device.
+    batch_size : int
+        How many samples go through the model at once.
+
+    Returns
+    -------
+    loss, accuracy : tuple[float, float]
+        Mean cross-entropy and fraction of correct predictions.
+
+    """
+    _check_positive_int("batch_size", batch_size)
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError(
+            f"evaluation data of {len(x)} inputs and {len(y)} labels is not "
+            "allowed: expected the same, non-zero number of each"
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        total_loss = torch.zeros((), device=x.device)
+        correct = torch.zeros((), dtype=torch.long, device=x.device)
+        for start in range(0, len(x), batch_size):
+            logits = model(x[start : start + batch_size])
+            labels = y[start : start + batch_size]
+            total_loss += F.cross_entropy(logits, labels, reduction="sum")
+            correct += (logits.argmax(dim=1) == labels).sum()
+    finally:
+        model.train(was_training)
+    return float(total_loss) / len(x), int(correct) / len(x)
+
+
+def _resolve_optimizer(
+    model: nn.Module,
+    learning_rate: float | None,
+    optimizer: torch.optim.Optimizer | None,
+) -> torch.optim.Optimizer:
+    if optimizer is None:
+        if learning_rate is None:
+            raise ValueError(
+                "learning_rate None is not allowed without an optimizer: pass a "
+                "learning rate or an optimizer"
+            )
+        return make_optimizer(model, learning_rate)
+    if learning_rate is not None:
+        rates = {group["lr"] for group in optimizer.param_groups}
+        if rates != {learning_rate}:
+            raise ValueError(
+                f"learning_rate {learning_rate!r} is not allowed with this "
+                f"optimizer, whose learning rate is {sorted(rates)}: pass None or "
+                "the optimizer's learning rate"
+            )
+    return optimizer
+
+
+def _check_learning_rate(learning_rate: float) -> None:
+    if (
+        isinstance(learning_rate, bool)
+        or not isinstance(learning_rate, (int, float))
+        or not math.isfinite(learning_rate)
+        or learning_rate <= 0
+    ):
+        raise ValueError(
+            f"learning_rate {learning_rate!r} is not allowed: expected a finite "
+            "number > 0"
+        )
+
+
+def _check_positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} {value!r} is not allowed: expected an int >= 1")

@@ -1,0 +1,1 @@
+"""flwr-noise ServerApp: FedAvg wrapped in NoisyStrategy, results on disk."""

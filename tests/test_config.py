@@ -1,0 +1,237 @@
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from flwr_noise.config import DEFAULT_RUN_CONFIG, RUN_CONFIG_KEYS, AppConfig
+from flwr_noise.spec import NoiseSpec
+
+PYPROJECT = Path(__file__).parents[1] / "pyproject.toml"
+# The keys the product spec promises, by name.
+SPEC_KEYS = (
+    "num-server-rounds",
+    "local-steps",
+    "batch-size",
+    "learning-rate",
+    "model",
+    "dataset",
+    "data-dir",
+    "seed",
+    "local-noise-std",
+    "broadcast-noise-std",
+    "aggregation-noise-std",
+    "results-dir",
+)
+
+
+def test_defaults():
+    config = AppConfig.from_run_config({})
+    assert config == AppConfig()
+    assert config.to_dict() == DEFAULT_RUN_CONFIG
+    assert tuple(DEFAULT_RUN_CONFIG) == RUN_CONFIG_KEYS
+    assert set(SPEC_KEYS) <= set(RUN_CONFIG_KEYS)
+    assert DEFAULT_RUN_CONFIG["num-server-rounds"] == 5
+    assert DEFAULT_RUN_CONFIG["local-steps"] == 20
+    assert DEFAULT_RUN_CONFIG["batch-size"] == 16
+    assert DEFAULT_RUN_CONFIG["learning-rate"] == 0.05
+    assert DEFAULT_RUN_CONFIG["model"] == "mlp"
+    assert DEFAULT_RUN_CONFIG["dataset"] == "digits"
+    assert DEFAULT_RUN_CONFIG["local-noise-std"] == 0.01
+    assert DEFAULT_RUN_CONFIG["broadcast-noise-std"] == 0.0
+    assert DEFAULT_RUN_CONFIG["results-dir"] == "results"
+    assert DEFAULT_RUN_CONFIG["noise-include"] == ""
+
+
+def test_field_names_are_the_keys_in_snake_case():
+    names = [field.name for field in dataclasses.fields(AppConfig)]
+    assert names == [key.replace("-", "_") for key in RUN_CONFIG_KEYS]
+
+
+CUSTOM = {
+    "num-server-rounds": 3,
+    "local-steps": 7,
+    "batch-size": 32,
+    "learning-rate": 0.1,
+    "model": "cnn",
+    "dataset": "mnist",
+    "data-dir": "/data/mnist",
+    "seed": 42,
+    "local-noise-std": 0.02,
+    "broadcast-noise-std": 0.005,
+    "aggregation-noise-std": 0.001,
+    "results-dir": "out",
+    "noise-distribution": "laplace",
+    "noise-mode": "multiplicative",
+    "noise-relative": True,
+    "noise-schedule": "polynomial",
+    "noise-decay": 0.9,
+    "noise-gamma": 0.6,
+    "noise-schedule-unit": "round",
+    "noise-include": r"^0\.,weight$",
+    "noise-exclude": "bias",
+    "partitioning": "dirichlet",
+    "dirichlet-alpha": 0.3,
+    "fraction-train": 0.5,
+    "num-partitions": 10,
+    "run-name": "my-run_1",
+}
+
+
+def test_every_key_round_trips():
+    assert set(CUSTOM) == set(RUN_CONFIG_KEYS)
+    config = AppConfig.from_run_config(CUSTOM)
+    assert config.to_dict() == CUSTOM
+    assert AppConfig.from_run_config(config.to_dict()) == config
+    assert config.model == "cnn" and config.num_partitions == 10
+    assert config.noise_include == (r"^0\.", "weight$")
+    assert config.noise_exclude == ("bias",)
+
+
+def test_integral_floats_are_accepted_as_ints():
+    config = AppConfig.from_run_config({"local-steps": 20.0, "seed": 3.0})
+    assert config.local_steps == 20 and type(config.local_steps) is int
+    assert config.seed == 3 and type(config.seed) is int
+
+
+def test_ints_are_accepted_for_floats():
+    config = AppConfig.from_run_config({"learning-rate": 1, "local-noise-std": 0})
+    assert config.learning_rate == 1.0 and type(config.learning_rate) is float
+    assert config.local_spec() is None
+
+
+def test_include_list_tolerates_spaces_and_empty_items():
+    config = AppConfig.from_run_config({"noise-include": " a , ,b "})
+    assert config.noise_include == ("a", "b")
+
+
+def _message(key, value, reason):
+    return f"run config key {key!r} = {value!r} is not allowed: {reason}"
+
+
+INT_1 = "expected an int >= 1"
+FINITE_POSITIVE = "expected a finite number > 0"
+BAD_VALUES = [
+    ("num-server-rounds", 0, ValueError, INT_1),
+    ("num-server-rounds", True, TypeError, INT_1),
+    ("num-server-rounds", "5", TypeError, INT_1),
+    ("local-steps", -3, ValueError, INT_1),
+    ("local-steps", 2.5, ValueError, INT_1),
+    ("batch-size", 0, ValueError, INT_1),
+    ("learning-rate", 0.0, ValueError, FINITE_POSITIVE),
+    ("learning-rate", float("nan"), ValueError, FINITE_POSITIVE),
+    ("learning-rate", "fast", TypeError, FINITE_POSITIVE),
+    ("model", "resnet", ValueError, "expected one of 'linear', 'mlp', 'cnn'"),
+    ("model", 3, TypeError, "expected one of 'linear', 'mlp', 'cnn'"),
+    ("dataset", "cifar10", ValueError, "expected one of 'digits', 'mnist'"),
+    ("data-dir", None, TypeError, "expected a string"),
+    ("seed", -1, ValueError, "expected an int from 0 to 4294967295"),
+    ("seed", 2**32, ValueError, "expected an int from 0 to 4294967295"),
+    ("results-dir", "", ValueError, "expected a non-empty string"),
+    ("partitioning", "shards", ValueError, "expected one of 'iid', 'dirichlet'"),
+    ("dirichlet-alpha", 0, ValueError, FINITE_POSITIVE),
+    ("dirichlet-alpha", float("inf"), ValueError, FINITE_POSITIVE),
+    ("fraction-train", 0.0, ValueError, "expected a finite number > 0 and <= 1"),
+    ("fraction-train", 1.5, ValueError, "expected a finite number > 0 and <= 1"),
+    ("num-partitions", -1, ValueError, "expected an int >= 0"),
+    (
+        "run-name",
+        "../elsewhere",
+        ValueError,
+        "expected letters, digits, '.', '_' and '-', starting with a letter or digit",
+    ),
+    ("noise-exclude", 5, TypeError, "expected a comma-separated list of regular"),
+]
+# Checked by NoiseSpec: the message names the key and keeps NoiseSpec's reason.
+BAD_NOISE_VALUES = [
+    ("local-noise-std", -0.1, ValueError, ">= 0"),
+    ("broadcast-noise-std", float("nan"), ValueError, "finite"),
+    ("aggregation-noise-std", "big", TypeError, "number"),
+    ("noise-distribution", "cauchy", ValueError, "'gaussian', 'uniform', 'laplace'"),
+    ("noise-mode", "both", ValueError, "'additive', 'multiplicative'"),
+    ("noise-relative", "yes", TypeError, "True or False"),
+    ("noise-schedule", "cosine", ValueError, "'constant'"),
+    ("noise-decay", 1.5, ValueError, "(0, 1]"),
+    ("noise-gamma", 0, ValueError, "> 0"),
+    ("noise-schedule-unit", "epoch", ValueError, "'step', 'round'"),
+    ("noise-include", "ok,(", ValueError, "'(' is not a valid regular expression"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "error", "reason"), BAD_VALUES)
+def test_bad_value_message(key, value, error, reason):
+    with pytest.raises(error) as caught:
+        AppConfig.from_run_config({key: value})
+    expected = _message(key, value, reason)
+    if key == "noise-exclude":
+        assert str(caught.value).startswith(expected)
+    else:
+        assert str(caught.value) == expected
+
+
+@pytest.mark.parametrize(("key", "value", "error", "fragment"), BAD_NOISE_VALUES)
+def test_bad_noise_value_message(key, value, error, fragment):
+    with pytest.raises(error) as caught:
+        AppConfig.from_run_config({key: value})
+    message = str(caught.value)
+    assert message.startswith(_message(key, value, "")), message
+    assert fragment in message
+    assert "NoiseSpec" not in message  # the user wrote a run config key
+    assert "\n" not in message
+
+
+def test_unknown_key_names_it_and_lists_the_known_ones():
+    with pytest.raises(ValueError) as caught:
+        AppConfig.from_run_config({"modle": "cnn"})
+    message = str(caught.value)
+    assert message.startswith(
+        "run config key 'modle' is not known (did you mean 'model'?): expected one of"
+    )
+    assert all(repr(key) in message for key in RUN_CONFIG_KEYS)
+
+
+def test_run_config_must_be_a_mapping():
+    with pytest.raises(TypeError, match="expected a mapping"):
+        AppConfig.from_run_config([("model", "cnn")])
+
+
+def test_direct_construction_is_validated_and_frozen():
+    with pytest.raises(ValueError, match=re.escape("run config key 'batch-size' = 0")):
+        AppConfig(batch_size=0)
+    config = AppConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.model = "cnn"
+
+
+def test_specs_off_when_std_is_zero():
+    config = AppConfig()
+    assert config.local_spec() == NoiseSpec(std=0.01, seed=0)
+    assert config.broadcast_spec() is None
+    assert config.aggregation_spec() is None
+
+
+def test_specs_share_the_noise_settings_and_the_seed():
+    config = AppConfig.from_run_config(CUSTOM)
+    shared = {
+        "distribution": "laplace",
+        "mode": "multiplicative",
+        "relative": True,
+        "schedule": "polynomial",
+        "decay": 0.9,
+        "gamma": 0.6,
+        "schedule_unit": "round",
+        "include": (r"^0\.", "weight$"),
+        "exclude": ("bias",),
+        "seed": 42,
+    }
+    assert config.local_spec() == NoiseSpec(std=0.02, **shared)
+    assert config.broadcast_spec() == NoiseSpec(std=0.005, **shared)
+    assert config.aggregation_spec() == NoiseSpec(std=0.001, **shared)
+
+
+def test_the_apps_pyproject_config_is_valid():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    app_config = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    config = AppConfig.from_run_config(app_config)
+    for key, value in app_config.items():
+        assert config.to_dict()[key] == value

@@ -1,0 +1,259 @@
+"""The in-process reproduction runner: structure, exactness and reproducibility."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flwr_noise.reproduce import (
+    NO_NOISE,
+    PLACEMENTS,
+    ExperimentConfig,
+    SweepGrid,
+    load_learner_data,
+    run_experiment,
+    run_serial_baseline,
+    run_sweep,
+    weighted_average,
+    write_report,
+)
+from flwr_noise.reproduce.cli import main
+
+# Small enough for a 2-core CI machine: digits, 3 learners, a few steps.
+TINY = ExperimentConfig(
+    dataset="digits", model="mlp", learners=3, local_steps=4, rounds=3
+)
+
+
+def tiny_grid(**changes: object) -> SweepGrid:
+    settings: dict[str, object] = {
+        "dataset": "digits",
+        "models": ("linear",),
+        "learners": (3,),
+        "local_steps": (2,),
+        "rounds": 2,
+        "noise_stds": (0.0, 0.01),
+        "placements": PLACEMENTS,
+        "seeds": (0, 1),
+    }
+    settings.update(changes)
+    return SweepGrid(**settings)  # type: ignore[arg-type]
+
+
+def assert_same_weights(
+    first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]
+) -> None:
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_summary_has_one_entry_per_configuration(tmp_path: Path) -> None:
+    summary = run_sweep(tiny_grid())
+
+    # std 0 is one configuration whatever the placement; 0.01 is one per placement.
+    entries = summary["entries"]
+    assert summary["num_configurations"] == len(entries) == 1 + len(PLACEMENTS)
+    placements = [entry["config"]["placement"] for entry in entries]
+    assert placements == [NO_NOISE, *PLACEMENTS]
+    for entry in entries:
+        assert entry["seeds"] == [0, 1]
+        for key in (
+            "local_accuracy",
+            "local_accuracy_min",
+            "local_accuracy_max",
+            "averaged_accuracy",
+            "serial_accuracy",
+            "serial_large_batch_accuracy",
+            "local_gain",
+            "averaged_gain",
+        ):
+            statistic = entry[key]
+            assert len(statistic["values"]) == 2
+            assert statistic["mean"] == pytest.approx(np.mean(statistic["values"]))
+            assert statistic["std"] == pytest.approx(
+                np.std(statistic["values"], ddof=1)
+            )
+        assert (
+            entry["local_accuracy_min"]["mean"]
+            <= entry["local_accuracy"]["mean"]
+            <= entry["local_accuracy_max"]["mean"]
+        )
+        # 3 learners x 2 steps x 2 rounds of batch 16; 2 x 2 steps of batch 48.
+        assert entry["serial_steps"] == 12
+        assert entry["serial_large_batch_steps"] == 4
+        assert entry["serial_large_batch_size"] == 48
+    assert entries[0]["local_gain"]["values"] == [0.0, 0.0]
+
+    written = write_report(summary, tmp_path, command=["python", "-m", "x"])
+    assert {path.name for path in written} == {
+        "summary.json",
+        "summary.md",
+        "accuracy_vs_noise_linear.png",
+    }
+    assert json.loads((tmp_path / "summary.json").read_text())["entries"] == entries
+    table = (tmp_path / "summary.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + len(entries)  # header + one row per configuration
+    assert "| local 0.01 |" in table and "| none |" in table
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_zero_noise_is_bit_identical_to_no_noise(placement: str) -> None:
+    data = load_learner_data(TINY, 0)
+    noise_free = run_experiment(replace(TINY, placement=NO_NOISE), 0, data=data)
+    for config in (
+        replace(TINY, placement=placement),
+        replace(TINY, placement=placement, relative=True, schedule="polynomial"),
+    ):
+        zero = run_experiment(config, 0, data=data)
+        assert_same_weights(zero.averaged_state, noise_free.averaged_state)
+        assert zero.final == noise_free.final
+    noisy = run_experiment(
+        replace(TINY, placement=placement, noise_std=1e-3), 0, data=data
+    )
+    assert not torch.equal(
+        noisy.averaged_state["1.weight"], noise_free.averaged_state["1.weight"]
+    )
+
+
+def test_serial_baselines_are_far_above_chance() -> None:
+    config = replace(TINY, learners=4, local_steps=10, rounds=10)
+    data = load_learner_data(config, 0)
+    serial = run_serial_baseline(config, 0, data=data)
+    large = run_serial_baseline(config, 0, large_batch=True, data=data)
+    assert (serial.steps, serial.batch_size) == (400, 16)
+    assert (large.steps, large.batch_size) == (100, 64)
+    # Ten classes: chance is 0.1.
+    assert serial.accuracy > 0.85
+    assert large.accuracy > 0.6
+
+
+def test_same_seed_gives_identical_summary() -> None:
+    grid = tiny_grid(models=("mlp",), seeds=(3,))
+    first = json.dumps(run_sweep(grid))
+    assert json.dumps(run_sweep(grid)) == first
+    assert json.dumps(run_sweep(replace(grid, seeds=(4,)))) != first
+
+
+def test_average_matches_flower_fedavg_bit_for_bit() -> None:
+    from flwr.app import ArrayRecord, MetricRecord, RecordDict
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    generator = np.random.default_rng(0)
+    states = [{"w": generator.normal(size=(7, 3)).astype(np.float32)} for _ in range(3)]
+    sizes = [120, 121, 37]
+    records = [
+        RecordDict(
+            {
+                "arrays": ArrayRecord({"w": torch.from_numpy(state["w"])}),
+                "metrics": MetricRecord({"num-examples": size}),
+            }
+        )
+        for state, size in zip(states, sizes, strict=True)
+    ]
+    expected = aggregate_arrayrecords(records, "num-examples")["w"].numpy()
+    ours = weighted_average(states, sizes)["w"]
+    assert ours.dtype == expected.dtype
+    assert np.array_equal(ours, expected)
+
+
+def test_record_rounds_gives_one_record_per_round() -> None:
+    result = run_experiment(replace(TINY, record_rounds=True), 0)
+    assert [record.round for record in result.rounds] == [1, 2, 3]
+    last_only = run_experiment(TINY, 0)
+    assert [record.round for record in last_only.rounds] == [3]
+    assert last_only.final == result.final
+
+
+def test_images_per_learner_keeps_that_many() -> None:
+    data = load_learner_data(replace(TINY, images_per_learner=50), 0)
+    assert data.sizes == [50, 50, 50]
+    with pytest.raises(ValueError, match="images_per_learner=5000"):
+        load_learner_data(replace(TINY, images_per_learner=5000), 0)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"learners": 0}, "learners=0"),
+        ({"placement": "server"}, "placement='server'"),
+        ({"placement": NO_NOISE, "noise_std": 0.1}, "placement='none'"),
+        ({"noise_std": -1.0}, "noise_std=-1.0"),
+        ({"model": "resnet"}, "model='resnet'"),
+        ({"learning_rate": 0}, "learning_rate=0"),
+    ],
+)
+def test_bad_config_is_rejected(changes: dict[str, object], message: str) -> None:
+    with pytest.raises((TypeError, ValueError), match=message):
+        replace(TINY, **changes)
+
+
+def test_total_local_steps_must_be_divisible_by_b() -> None:
+    grid = tiny_grid(rounds=None, total_local_steps=8, local_steps=(2, 4))
+    assert [c.rounds for c in grid.configurations()][::4] == [4, 2]
+    with pytest.raises(ValueError, match="local_steps=3"):
+        tiny_grid(rounds=None, total_local_steps=8, local_steps=(3,))
+
+
+def test_cli_writes_summary_and_plots(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    status = main(
+        [
+            "--dataset=digits",
+            "--model=linear",
+            "--learners=2",
+            "--local-steps=2",
+            "--rounds=2",
+            "--noise-std",
+            "0",
+            "0.01",
+            "--relative",
+            "false",
+            "true",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert status == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["command"][:3] == ["python", "-m", "flwr_noise.reproduce"]
+    relative = [entry["config"]["relative"] for entry in summary["entries"]]
+    assert relative == [False, False, True]
+    assert (out / "accuracy_vs_noise_linear.png").stat().st_size > 0
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--learners", "0"], "argument --learners: '0' is not allowed"),
+        (["--noise-std", "-0.1"], "argument --noise-std: '-0.1' is not allowed"),
+        (["--placement", "server"], "argument --placement: invalid choice"),
+        (
+            ["--total-local-steps", "10", "--local-steps", "3"],
+            "--local-steps=3 is not allowed with --total-local-steps=10",
+        ),
+        (["--images-per-learner", "5000"], "--images-per-learner=5000"),
+        (["--rounds", "2", "--total-local-steps", "4"], "not allowed with"),
+    ],
+)
+def test_cli_rejects_bad_arguments(
+    arguments: list[str],
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*arguments, "--out", str(tmp_path), "--quiet"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "summary.json").exists()
