@@ -17,6 +17,10 @@ own (no training), which is the added cost without the step-to-step jitter.
 Usage::
 
     python benchmarks/bench_step.py [--device cpu|cuda] [--steps N] [--repeats N]
+
+On a machine that other jobs keep busy, wall times with several OpenMP threads
+swing widely; ``--threads 1 --clock cpu`` measures the work itself (CPU time of
+this single-threaded process) and gives steady ratios.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import sys
@@ -106,18 +111,34 @@ def make_variants(
     return variants
 
 
-def time_block(step: Callable[[], None], steps: int, device: torch.device) -> float:
+CLOCKS: dict[str, Callable[[], float]] = {
+    "wall": time.perf_counter,
+    # CPU time of this process: with --threads 1 it is the work done, whatever
+    # else runs on the machine (OpenMP threads spin, so not with more threads).
+    "cpu": time.process_time,
+}
+
+
+def time_block(
+    step: Callable[[], None], steps: int, device: torch.device, clock: str = "wall"
+) -> float:
     """Return the mean seconds per call of ``step`` over one block."""
+    now = CLOCKS[clock]
     synchronize(device)
-    start = time.perf_counter()
+    start = now()
     for _ in range(steps):
         step()
     synchronize(device)
-    return (time.perf_counter() - start) / steps
+    return (now() - start) / steps
 
 
 def bench_model(
-    name: str, device: torch.device, steps: int, repeats: int, warmup: int
+    name: str,
+    device: torch.device,
+    steps: int,
+    repeats: int,
+    warmup: int,
+    clock: str = "wall",
 ) -> dict[str, object]:
     torch.manual_seed(0)
     base = MODELS[name]()
@@ -141,7 +162,7 @@ def bench_model(
     for repeat in range(repeats):
         rotation = repeat % len(order)
         for variant in order[rotation:] + order[:rotation]:
-            blocks[variant].append(time_block(timed[variant], steps, device))
+            blocks[variant].append(time_block(timed[variant], steps, device, clock))
 
     medians = {variant: statistics.median(times) for variant, times in blocks.items()}
     baseline = medians["baseline"]
@@ -182,9 +203,23 @@ def main() -> None:
         "--models", default=",".join(MODELS), help=f"comma-separated: {list(MODELS)}"
     )
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0: torch's default); 1 is steadier on a busy machine",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=list(CLOCKS),
+        default="wall",
+        help="wall time, or this process's CPU time (steady with --threads 1)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path("benchmarks/results/bench_step.json")
     )
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     names = [name for name in args.models.split(",") if name]
     unknown = [name for name in names if name not in MODELS]
@@ -194,7 +229,7 @@ def main() -> None:
         )
 
     results = [
-        bench_model(name, device, args.steps, args.repeats, args.warmup)
+        bench_model(name, device, args.steps, args.repeats, args.warmup, args.clock)
         for name in names
     ]
     for result in results:
@@ -208,6 +243,8 @@ def main() -> None:
         ),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "clock": args.clock,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "batch_size": BATCH_SIZE,
         "sigma": SIGMA,
         "steps_per_block": args.steps,

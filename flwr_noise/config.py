@@ -132,6 +132,20 @@ def _run_name(key: str, value: Any) -> str:
         raise _not_allowed(key, value, _reason(error), ValueError) from None
 
 
+_RESUME_EXPECTED = (
+    "expected '' (a new run), or the name (in results-dir) or the path of the "
+    "folder of an earlier run to continue from its last checkpoint"
+)
+
+
+def _resume(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _not_allowed(key, value, _RESUME_EXPECTED, TypeError)
+    if value and (not value.strip() or "\n" in value or "\0" in value):
+        raise _not_allowed(key, value, _RESUME_EXPECTED, ValueError)
+    return value
+
+
 def _spec_field(name: str) -> Callable[[str, Any], Any]:
     """Validate one ``NoiseSpec`` field by building a spec with it.
 
@@ -244,6 +258,15 @@ class AppConfig:
     run_name : str
         ``run-name``: the run folder's name; empty makes one from the time
         and a hash of the config.
+    round_timeout : float
+        ``round-timeout``: seconds the server waits for the replies of one
+        round, finite and ``> 0``; a SuperNode that has not answered by then
+        (dead, disconnected) is left out of that round.
+    resume : str
+        ``resume``: ``""`` starts a new run; the name of a run folder in
+        ``results-dir``, or the path of one, continues that run from its last
+        checkpoint (see ``flwr_noise.checkpoint``). That the folder and its
+        checkpoint exist is checked by the ServerApp before anything runs.
 
     """
 
@@ -277,6 +300,8 @@ class AppConfig:
     fraction_train: float = _key(1.0, _real(above=0.0, at_most=1.0))
     num_partitions: int = _key(0, _integer(0))
     run_name: str = _key("", _run_name)
+    round_timeout: float = _key(300.0, _real(above=0.0))
+    resume: str = _key("", _resume)
 
     def __post_init__(self) -> None:
         for config_field in fields(self):

@@ -50,6 +50,11 @@ class WeightNoise:
         Accumulate the L2 norm of the noise on the device (read only by
         :meth:`report` and :meth:`perturb`); without it reported norms are nan.
 
+    Attributes
+    ----------
+    parameter_names : tuple[str, ...]
+        Names of the parameters that get noise.
+
     """
 
     def __init__(

@@ -152,6 +152,22 @@ class ResultsWriter:
         this many seconds (drawing takes a few tenths of a second, more than
         a small round); ``0`` redraws it after every round. Finishing the run
         always redraws it.
+    resume_after : int | None
+        ``None`` (default): a new run. An int ``n >= 0``: continue the
+        interrupted run in the existing folder ``<results_dir>/<run_name>``
+        after its round ``n`` (its last checkpoint). Its ``results.json`` is
+        loaded: rounds ``1..n`` are kept, later ones (recorded after the last
+        checkpoint) are dropped, since the resumed run redoes them; the start
+        time and ``info`` are kept, ``info["resumed"]`` lists every resume;
+        the status goes back to ``"running"``.
+
+    Raises
+    ------
+    ValueError
+        If ``run_name`` is not valid, or when resuming: the folder holds no
+        results file, or its rounds are not ``1..resume_after``.
+    FileNotFoundError
+        When resuming a folder without ``results.json``.
 
     Examples
     --------
@@ -168,6 +184,7 @@ class ResultsWriter:
         *,
         plot: bool = True,
         plot_interval: float = 5.0,
+        resume_after: int | None = None,
     ) -> None:
         self._config = _jsonable(config, "config")
         if not isinstance(self._config, dict):
@@ -178,9 +195,13 @@ class ResultsWriter:
         base = Path(results_dir)
         if run_name:
             run_dir = base / validate_run_name(run_name)
+        elif resume_after is not None:
+            raise ValueError(
+                f"run name {run_name!r} is not allowed when resuming: expected the "
+                "name of the run folder to continue"
+            )
         else:
             run_dir = _unused_folder(base, make_run_name(self._config))
-        run_dir.mkdir(parents=True, exist_ok=True)
         self._run_dir = run_dir
         self._plot = plot
         self._plot_interval = plot_interval
@@ -191,7 +212,40 @@ class ResultsWriter:
         self._started_at = _utc_now()
         self._finished_at: str | None = None
         self._error: str | None = None
+        if resume_after is None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            self._load_for_resume(resume_after)
         self._write_json()
+
+    def _load_for_resume(self, resume_after: int) -> None:
+        if (
+            isinstance(resume_after, bool)
+            or not isinstance(resume_after, numbers.Integral)
+            or resume_after < 0
+        ):
+            raise ValueError(
+                f"resume_after={resume_after!r} is not allowed: expected an int >= 0 "
+                "or None"
+            )
+        previous = load_results(self._run_dir)
+        rounds = [
+            entry for entry in previous["rounds"] if entry["round"] <= resume_after
+        ]
+        numbers_kept = [entry["round"] for entry in rounds]
+        if numbers_kept != list(range(1, resume_after + 1)):
+            raise ValueError(
+                f"results of run {self.run_name!r} with rounds {numbers_kept} are not "
+                f"allowed for resuming after round {resume_after}: expected rounds 1 "
+                f"to {resume_after}"
+            )
+        self._rounds = rounds
+        self._info = dict(previous.get("info") or {})
+        self._info["resumed"] = [
+            *self._info.get("resumed", []),
+            {"at": _utc_now(), "after_round": int(resume_after)},
+        ]
+        self._started_at = previous.get("started_at") or self._started_at
 
     @property
     def run_name(self) -> str:
@@ -318,7 +372,7 @@ class ResultsWriter:
 
     def _write_all(self, *, final: bool) -> None:
         self._write_json()
-        _atomic_write(self.csv_path, _write_csv_rows(self._rounds), binary=False)
+        atomic_write(self.csv_path, _write_csv_rows(self._rounds), binary=False)
         if not self._plot or not self._rounds:
             return
         now = time.monotonic()
@@ -327,12 +381,12 @@ class ResultsWriter:
             or self._last_plot is None
             or now - self._last_plot >= self._plot_interval
         ):
-            _atomic_write(self.png_path, _plot_rounds(self._rounds), binary=True)
+            atomic_write(self.png_path, _plot_rounds(self._rounds), binary=True)
             self._last_plot = now
 
     def _write_json(self) -> None:
         text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
-        _atomic_write(self.json_path, lambda handle: handle.write(text), binary=False)
+        atomic_write(self.json_path, lambda handle: handle.write(text), binary=False)
 
 
 def _checked_round(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -451,17 +505,34 @@ def _plot_rounds(rounds: list[dict[str, Any]]) -> Callable[[IO[Any]], None]:
     return write
 
 
-def _atomic_write(path: Path, write: Callable[[IO[Any]], Any], *, binary: bool) -> None:
-    """Write ``path`` through a temporary file in its folder and ``os.replace``."""
+def atomic_write(path: Path, write: Callable[[IO[Any]], Any], *, binary: bool) -> None:
+    """Write a file so that readers and crashes only ever see a whole one.
+
+    ``write`` fills a temporary file in the same folder, which is flushed to
+    disk and moved over ``path`` with ``os.replace`` (atomic on POSIX and
+    Windows). A crash leaves the old file, or none, never a truncated one.
+
+    Parameters
+    ----------
+    path : Path
+        The file to (re)write; its folder must exist.
+    write : Callable[[IO[Any]], Any]
+        Writes the content to the stream it is given.
+    binary : bool
+        Whether the stream is binary (else UTF-8 text, no newline
+        translation).
+
+    """
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
         # open() honours the umask (mkstemp would make the file private).
-        if binary:
-            with open(temporary, "xb") as stream:
-                write(stream)
-        else:
-            with open(temporary, "x", encoding="utf-8", newline="") as text:
-                write(text)
+        text_mode: dict[str, Any] = {"encoding": "utf-8", "newline": ""}
+        with open(
+            temporary, "xb" if binary else "x", **({} if binary else text_mode)
+        ) as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

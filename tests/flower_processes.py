@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +94,10 @@ def format_config_overrides(overrides: Mapping[str, bool | int | float | str]) -
         elif isinstance(value, (int, float)):
             text = repr(value)
         elif "'" in value:
-            raise ValueError(f'config value {key}={value!r} must not contain "\'"')
+            raise ValueError(
+                f"config value {key}={value!r} is not allowed: expected a string "
+                "without single quotes"
+            )
         else:
             # A TOML literal string ('...') keeps backslashes and spaces as they are.
             text = f"'{value}'"
@@ -217,8 +220,8 @@ def wait_for_port(
 
 
 @dataclass(frozen=True)
-class FlwrResult:
-    """What a ``flwr`` command printed and how it exited."""
+class CommandResult:
+    """What a command printed (stdout and stderr together) and how it exited."""
 
     returncode: int
     output: str
@@ -232,10 +235,10 @@ class FlwrResult:
         return int(match.group(1))
 
 
-def run_flwr_command(
-    args: Sequence[str], env: Mapping[str, str], cwd: Path, timeout_s: float
-) -> FlwrResult:
-    """Run ``flwr <args>`` to completion and return its combined output.
+def run_command(
+    command: Sequence[str], env: Mapping[str, str], cwd: Path, timeout_s: float
+) -> CommandResult:
+    """Run ``command`` to completion in its own process group.
 
     Raises
     ------
@@ -243,7 +246,7 @@ def run_flwr_command(
         If it runs longer than ``timeout_s``; its process group is killed first.
     """
     popen = subprocess.Popen(
-        ["flwr", *args],
+        list(command),
         cwd=cwd,
         env=dict(env),
         stdin=subprocess.DEVNULL,
@@ -258,9 +261,9 @@ def run_flwr_command(
         output, _ = popen.communicate()
         tail = output.decode(errors="replace")[-_LOG_TAIL_CHARS:]
         raise TimeoutError(
-            f"`flwr {' '.join(args)}` ran past {timeout_s}s; its output:\n{tail}"
+            f"`{' '.join(command)}` ran past {timeout_s}s; its output:\n{tail}"
         ) from None
-    return FlwrResult(popen.returncode, output.decode(errors="replace"))
+    return CommandResult(popen.returncode, output.decode(errors="replace"))
 
 
 def run_flwr(
@@ -268,14 +271,14 @@ def run_flwr(
     args: Sequence[str],
     env: Mapping[str, str],
     timeout_s: float = 300.0,
-) -> FlwrResult:
+) -> CommandResult:
     """Run ``flwr run <app_dir> <args>`` from ``app_dir``.
 
     Without a connection name in ``args`` this uses the default local
     connection, which starts a managed local SuperLink in the background
     (stop it with :func:`stop_local_superlink`).
     """
-    return run_flwr_command(["run", str(app_dir), *args], env, app_dir, timeout_s)
+    return run_command(["flwr", "run", str(app_dir), *args], env, app_dir, timeout_s)
 
 
 def run_details(
@@ -294,7 +297,7 @@ def run_details(
     args += ["--format", "json"]
     deadline = time.monotonic() + timeout_s
     while True:
-        result = run_flwr_command(args, env, Path.cwd(), timeout_s)
+        result = run_command(["flwr", *args], env, Path.cwd(), timeout_s)
         listing = json.loads(result.output)
         if not listing.get("success"):
             raise AssertionError(f"`flwr {' '.join(args)}` failed:\n{result.output}")
@@ -303,6 +306,30 @@ def run_details(
             time.monotonic() > deadline
         ):
             return details
+        time.sleep(0.5)
+
+
+def wait_for_supernodes(
+    env: Mapping[str, str], connection: str, count: int, timeout_s: float = 60.0
+) -> None:
+    """Wait until ``count`` SuperNodes are online at the SuperLink of ``connection``.
+
+    A SuperNode listening on its own port may not have registered with the
+    SuperLink yet; a run started before that would find fewer clients.
+    """
+    args = ["supernode", "ls", connection, "--format", "json"]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = run_command(["flwr", *args], env, Path.cwd(), timeout_s)
+        nodes = json.loads(result.output).get("nodes", [])
+        online = [node for node in nodes if node.get("status") == "online"]
+        if len(online) >= count:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{len(online)} of {count} SuperNodes online after {timeout_s}s:\n"
+                f"{result.output}"
+            )
         time.sleep(0.5)
 
 
@@ -360,9 +387,13 @@ def stop_tagged_processes(env: Mapping[str, str], grace_s: float = 5.0) -> list[
 def stop_local_superlink(env: Mapping[str, str]) -> list[int]:
     """Stop the managed local SuperLink that ``flwr run`` started with ``env``.
 
-    Flower 1.39 has no command for this. The SuperLink runs detached in a
-    session of its own, with its SuperExec in yet another one, and outlives
-    ``flwr run``; all of them inherited ``env``'s tag, so they are found by it.
+    Flower 1.39 has no command for this. The SuperLink
+    (``flower-superlink --simulation``, Runtime/Control HTTP API on
+    ``$FLWR_LOCAL_SUPERLINK_HTTP_API_PORT``) runs detached in a session of its
+    own, with its SuperExec in another one, and outlives ``flwr run``; they
+    and the simulation processes inherited ``env``'s tag, so they are found
+    by it. Like :func:`stop_tagged_processes`, this stops every process
+    started with ``env``.
 
     Returns
     -------
@@ -412,6 +443,63 @@ def _component_env(env: Mapping[str, str], tmp_path: Path, name: str) -> dict[st
     return {**env, "FLWR_HOME": str(tmp_path / "components" / name)}
 
 
+@dataclass(frozen=True)
+class ComponentCommands:
+    """How to start the components of a deployment on given addresses.
+
+    Attributes
+    ----------
+    superlink : Callable[[str, int], list[str]]
+        (Fleet API address, Control API port on loopback) -> command.
+    supernode : Callable[[str, int, int], list[str]]
+        (Fleet API address, its Runtime API port on loopback, its index) ->
+        command.
+    """
+
+    superlink: Callable[[str, int], list[str]]
+    supernode: Callable[[str, int, int], list[str]]
+
+
+def flower_commands(node_configs: Sequence[str]) -> ComponentCommands:
+    """Plain ``flower-superlink`` / ``flower-supernode`` commands, insecure.
+
+    SuperNode ``index`` gets ``--node-config node_configs[index]``.
+    """
+    return ComponentCommands(
+        superlink=lambda fleet_address, control_port: [
+            "flower-superlink",
+            "--insecure",
+            "--disable-runtime-dependency-installation",
+            "--fleet-api-address",
+            fleet_address,
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(control_port),
+        ],
+        supernode=lambda fleet_address, runtime_port, index: [
+            "flower-supernode",
+            "--insecure",
+            "--superlink",
+            fleet_address,
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(runtime_port),
+            "--node-config",
+            node_configs[index],
+        ],
+    )
+
+
+def partition_node_configs(num_supernodes: int) -> list[str]:
+    """``partition-id=K num-partitions=N`` for each of ``num_supernodes``."""
+    return [
+        format_config_overrides({"partition-id": k, "num-partitions": num_supernodes})
+        for k in range(num_supernodes)
+    ]
+
+
 @contextmanager
 def deployment(
     tmp_path: Path,
@@ -420,86 +508,64 @@ def deployment(
     *,
     env: Mapping[str, str] | None = None,
     connection_name: str = "e2e",
+    commands: ComponentCommands | None = None,
 ) -> Iterator[Deployment]:
     """Run a SuperLink and ``num_supernodes`` SuperNodes on free loopback ports.
 
     Parameters
     ----------
     tmp_path : Path
-        Folder for logs and the components' Flower homes.
+        Folder for logs (``logs/``) and the components' Flower homes.
     num_supernodes : int
         How many SuperNodes to start.
     node_configs : Sequence[str] | None
         One ``--node-config`` string per SuperNode; by default
-        ``partition-id=K num-partitions=N``.
+        :func:`partition_node_configs`. Only used without ``commands``.
     env : Mapping[str, str] | None
         Environment from :func:`flwr_env`; a new one when None.
     connection_name : str
         Name of the ``[superlink.<name>]`` connection written for ``flwr run``.
+    commands : ComponentCommands | None
+        How to start the components; by default :func:`flower_commands`.
 
     Yields
     ------
     Deployment
-        The running deployment. Every process is stopped on exit, also when the
-        body raises.
+        The running deployment, once every SuperNode is online. Every process
+        is stopped on exit, also when the body raises.
     """
     env = dict(env) if env is not None else flwr_env(tmp_path)
-    if node_configs is None:
-        node_configs = [
-            format_config_overrides(
-                {"partition-id": k, "num-partitions": num_supernodes}
+    if commands is None:
+        node_configs = node_configs or partition_node_configs(num_supernodes)
+        if len(node_configs) != num_supernodes:
+            raise ValueError(
+                f"node_configs has {len(node_configs)} entries; expected one for "
+                f"each of the {num_supernodes} SuperNodes"
             )
-            for k in range(num_supernodes)
-        ]
-    if len(node_configs) != num_supernodes:
-        raise ValueError(
-            f"node_configs has {len(node_configs)} entries; expected one for each "
-            f"of the {num_supernodes} SuperNodes"
-        )
+        commands = flower_commands(node_configs)
     log_dir = tmp_path / "logs"
-    fleet_address = f"{LOOPBACK}:{free_port()}"
-    control_port = free_port()
+    fleet_port, control_port = free_port(), free_port()
+    fleet_address = f"{LOOPBACK}:{fleet_port}"
     with ExitStack() as stack:
         # Registered first, so it runs last: catches helpers that left the groups.
         stack.callback(stop_tagged_processes, env)
         superlink = stack.enter_context(
             started_process(
                 "superlink",
-                [
-                    "flower-superlink",
-                    "--insecure",
-                    "--disable-runtime-dependency-installation",
-                    "--fleet-api-address",
-                    fleet_address,
-                    "--host",
-                    LOOPBACK,
-                    "--port",
-                    str(control_port),
-                ],
+                commands.superlink(fleet_address, control_port),
                 _component_env(env, tmp_path, "superlink"),
                 log_dir,
             )
         )
         wait_for_port(control_port, process=superlink)
-        wait_for_port(int(fleet_address.rsplit(":", 1)[1]), process=superlink)
+        wait_for_port(fleet_port, process=superlink)
         processes = [superlink]
-        for index, node_config in enumerate(node_configs):
+        for index in range(num_supernodes):
             runtime_port = free_port()
             supernode = stack.enter_context(
                 started_process(
                     f"supernode-{index}",
-                    [
-                        "flower-supernode",
-                        "--insecure",
-                        "--superlink",
-                        fleet_address,
-                        "--host",
-                        LOOPBACK,
-                        "--port",
-                        str(runtime_port),
-                        "--node-config",
-                        node_config,
-                    ],
+                    commands.supernode(fleet_address, runtime_port, index),
                     _component_env(env, tmp_path, f"supernode-{index}"),
                     log_dir,
                 )
@@ -508,6 +574,7 @@ def deployment(
             processes.append(supernode)
         control_address = f"{LOOPBACK}:{control_port}"
         write_superlink_connection(env, connection_name, control_address)
+        wait_for_supernodes(env, connection_name, num_supernodes)
         yield Deployment(
             connection_name=connection_name,
             env=env,
@@ -551,6 +618,7 @@ def assert_complete_results(
     *,
     run_config: Mapping[str, bool | int | float | str],
     app_dir: Path,
+    num_clients: int = 2,
     context: str = "",
 ) -> dict[str, object]:
     """Check the one run folder in ``results_dir``; return its ``results.json``.
@@ -564,6 +632,8 @@ def assert_complete_results(
         ``num-server-rounds`` and ``local-noise-std``.
     app_dir : Path
         The App, whose default config must be recorded whole.
+    num_clients : int
+        How many clients must have replied in every round.
     context : str
         Appended to failure messages (e.g. the run's output).
     """
@@ -583,11 +653,19 @@ def assert_complete_results(
     assert [entry["round"] for entry in rounds] == list(range(1, num_rounds + 1))
     for entry in rounds:
         assert set(ROUND_KEYS) <= set(entry), entry
+        assert entry["num_replies"] == num_clients, entry
         for key in _ACCURACY_KEYS:
-            assert 0.0 <= entry[key] <= 1.0, (key, entry)
-        assert entry["local_accuracy_min"] <= entry["local_accuracy_mean"]
-        assert entry["local_accuracy_mean"] <= entry["local_accuracy_max"]
-        assert math.isfinite(entry["global_loss"]) and entry["global_loss"] >= 0.0
+            value = entry[key]
+            assert isinstance(value, (int, float)) and 0.0 <= value <= 1.0, (
+                f"round {entry['round']}: {key} = {value!r} is not in [0, 1]: {entry}"
+            )
+        assert (
+            entry["local_accuracy_min"]
+            <= entry["local_accuracy_mean"]
+            <= entry["local_accuracy_max"]
+        ), entry
+        loss = entry["global_loss"]
+        assert isinstance(loss, (int, float)) and 0.0 <= loss < math.inf, entry
         local_sigmas = [v for k, v in entry.items() if _LOCAL_SIGMA_KEY.fullmatch(k)]
         assert local_sigmas, f"no local noise sigma in round entry {entry}"
         assert all(

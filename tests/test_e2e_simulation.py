@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from flower_processes import (
     FINISHED_COMPLETED,
-    FlwrResult,
+    CommandResult,
     assert_complete_results,
     format_config_overrides,
     results_files,
@@ -33,7 +33,7 @@ def run_simulation(
     app_dir: Path,
     env: dict[str, str],
     run_config: Mapping[str, bool | int | float | str],
-) -> FlwrResult:
+) -> CommandResult:
     return run_flwr(
         app_dir,
         [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +24,16 @@ from flwr_noise.reproduce import (
     write_report,
 )
 from flwr_noise.reproduce.cli import main
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    # Tiny models: one thread is as fast, and far faster on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 # Small enough for a 2-core CI machine: digits, 3 learners, a few steps.
 TINY = ExperimentConfig(
@@ -201,6 +212,19 @@ def test_total_local_steps_must_be_divisible_by_b() -> None:
         tiny_grid(rounds=None, total_local_steps=8, local_steps=(3,))
 
 
+def test_relative_runs_take_their_own_std_levels() -> None:
+    grid = tiny_grid(
+        placements=("local",),
+        relative=(False, True),
+        noise_stds=(0.0, 0.01),
+        relative_noise_stds=(0.1, 0.3),
+    )
+    noise = [(c.noise_std, c.relative) for c in grid.configurations()]
+    assert noise == [(0.0, False), (0.01, False), (0.1, True), (0.3, True)]
+    with pytest.raises(ValueError, match="relative_noise_stds=\\(0.1,\\)"):
+        tiny_grid(relative_noise_stds=(0.1,))
+
+
 def test_cli_writes_summary_and_plots(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -218,6 +242,8 @@ def test_cli_writes_summary_and_plots(
             "--relative",
             "false",
             "true",
+            "--relative-noise-std",
+            "0.05",
             "--out",
             str(out),
             "--quiet",
@@ -226,8 +252,11 @@ def test_cli_writes_summary_and_plots(
     assert status == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["command"][:3] == ["python", "-m", "flwr_noise.reproduce"]
-    relative = [entry["config"]["relative"] for entry in summary["entries"]]
-    assert relative == [False, False, True]
+    noise = [
+        (entry["config"]["noise_std"], entry["config"]["relative"])
+        for entry in summary["entries"]
+    ]
+    assert noise == [(0.0, False), (0.01, False), (0.05, True)]
     assert (out / "accuracy_vs_noise_linear.png").stat().st_size > 0
     assert capsys.readouterr().out == ""
 
@@ -257,3 +286,65 @@ def test_cli_rejects_bad_arguments(
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_runner_gives_the_apps_numbers(placement: str) -> None:
+    """The App's ClientApp under NoisyStrategy(FedAvg) gives the runner's numbers."""
+    from fakes import FakeGrid, make_context
+    from flwr.app import ArrayRecord, ConfigRecord, Message
+    from flwr.serverapp.strategy import FedAvg
+
+    from client_app.app import train
+    from flwr_noise.config import AppConfig
+    from flwr_noise.strategy import NoisyStrategy
+    from flwr_noise.tasks.models import build_model
+
+    seed = 5
+    config = replace(TINY, learners=2, rounds=2, noise_std=0.01, placement=placement)
+    ours = run_experiment(config, seed)
+
+    app_config = AppConfig(
+        num_server_rounds=config.rounds,
+        local_steps=config.local_steps,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        model=config.model,
+        dataset=config.dataset,
+        seed=seed,
+        local_noise_std=config.noise_std if placement == "local" else 0.0,
+        broadcast_noise_std=config.noise_std if placement == "received" else 0.0,
+        aggregation_noise_std=config.noise_std if placement == "aggregation" else 0.0,
+    )
+    node_ids = [1001, 1002]
+    partition_of_node = {node: index for index, node in enumerate(node_ids)}
+    local_accuracy: dict[int, list[float]] = {}
+
+    def client_app(message: Message) -> Message:
+        node = message.metadata.dst_node_id
+        context = make_context(node, partition_of_node[node], config.learners)
+        context.run_config = app_config.to_dict()
+        reply = train(message, context)
+        server_round = int(message.content["config"]["server-round"])
+        accuracy = float(reply.content["metrics"]["local-accuracy"])
+        local_accuracy.setdefault(server_round, []).append(accuracy)
+        return reply
+
+    strategy = NoisyStrategy(
+        FedAvg(fraction_evaluate=0.0),
+        local=app_config.local_spec(),
+        broadcast=app_config.broadcast_spec(),
+        aggregation=app_config.aggregation_spec(),
+        client_key_fn=partition_of_node.__getitem__,
+    )
+    initial = build_model(config.model, (1, 8, 8), 10, seed=seed)
+    result = strategy.start(
+        grid=FakeGrid(node_ids, client_app),
+        initial_arrays=ArrayRecord(initial.state_dict()),
+        train_config=ConfigRecord(),
+        num_rounds=config.rounds,
+    )
+
+    assert_same_weights(result.arrays.to_torch_state_dict(), ours.averaged_state)
+    app_local = local_accuracy[config.rounds]
+    assert ours.final.local_accuracy_mean == float(np.mean(app_local))

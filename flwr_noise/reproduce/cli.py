@@ -37,6 +37,8 @@ FLAGS: dict[str, str] = {
     "total_local_steps": "--total-local-steps",
     "noise_stds": "--noise-std",
     "noise_std": "--noise-std",
+    "relative_noise_stds": "--relative-noise-std",
+    "relative": "--relative",
     "schedules": "--schedule",
     "placements": "--placement",
     "partitionings": "--partitioning",
@@ -146,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
         "'--relative false true' runs both",
     )
     add(
+        "--relative-noise-std",
+        nargs="+",
+        type=_float(positive=False),
+        default=None,
+        help="std levels of the relative runs, as fractions of each tensor's "
+        "RMS (default: the --noise-std levels)",
+    )
+    add(
         "--placement",
         nargs="+",
         choices=PLACEMENTS,
@@ -189,6 +199,9 @@ def grid_from_args(args: argparse.Namespace) -> SweepGrid:
         noise_stds=tuple(args.noise_std),
         schedules=tuple(args.schedule),
         relative=tuple(relative),
+        relative_noise_stds=None
+        if args.relative_noise_std is None
+        else tuple(args.relative_noise_std),
         placements=tuple(args.placement),
         partitionings=tuple(args.partitioning),
         batch_sizes=tuple(args.batch_size),

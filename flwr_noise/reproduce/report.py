@@ -202,7 +202,7 @@ def plot_accuracy_vs_noise(summary: dict[str, Any], out_dir: Path) -> list[Path]
             _plot_group(axes[0][column], group, "local_accuracy", positive)
             _plot_group(axes[1][column], group, "averaged_accuracy", positive)
             axes[0][column].set_title(title or model, fontsize=9)
-            axes[1][column].set_xlabel("noise std")
+            axes[1][column].set_xlabel("noise std (relative: fraction of RMS)")
         axes[0][0].set_ylabel("local models' accuracy (before averaging)")
         axes[1][0].set_ylabel("averaged model's accuracy")
         axes[0][0].legend(fontsize=7, loc="lower left")

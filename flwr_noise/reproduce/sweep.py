@@ -65,6 +65,10 @@ class SweepGrid:
         Noise schedules.
     relative : tuple[bool, ...] (default: (False,))
         Absolute and/or relative (scaled by each tensor's RMS) noise.
+    relative_noise_stds : tuple[float, ...] | None (default: None)
+        The std levels of the relative runs (relative stds are fractions of a
+        tensor's RMS, so they usually need other levels); ``None``: the
+        ``noise_stds``. Only with ``True`` in ``relative``.
     placements : tuple[str, ...] (default: ("local",))
         ``"local"``, ``"received"``, ``"aggregation"``.
     partitionings : tuple[str, ...] (default: ("iid",))
@@ -100,6 +104,7 @@ class SweepGrid:
     noise_stds: tuple[float, ...] = (0.0, 0.001, 0.003, 0.01, 0.03)
     schedules: tuple[str, ...] = ("constant",)
     relative: tuple[bool, ...] = (False,)
+    relative_noise_stds: tuple[float, ...] | None = None
     placements: tuple[str, ...] = ("local",)
     partitionings: tuple[str, ...] = ("iid",)
     batch_sizes: tuple[int, ...] = (16,)
@@ -135,6 +140,23 @@ class SweepGrid:
                 )
             # Keep the first occurrence of each value, in the given order.
             object.__setattr__(self, name, tuple(dict.fromkeys(values)))
+        if self.relative_noise_stds is not None:
+            if True not in self.relative:
+                raise ValueError(
+                    f"relative_noise_stds={self.relative_noise_stds!r} is not "
+                    f"allowed with relative={self.relative!r}: expected True in "
+                    "relative, or no relative_noise_stds"
+                )
+            if not self.relative_noise_stds:
+                raise ValueError(
+                    f"relative_noise_stds={self.relative_noise_stds!r} is not "
+                    "allowed: expected at least one value, or None"
+                )
+            object.__setattr__(
+                self,
+                "relative_noise_stds",
+                tuple(dict.fromkeys(self.relative_noise_stds)),
+            )
         for seed in self.seeds:
             check_int("seeds", seed, 0)
         if (self.rounds is None) == (self.total_local_steps is None):
@@ -165,6 +187,12 @@ class SweepGrid:
         assert self.total_local_steps is not None
         return self.total_local_steps // local_steps
 
+    def noise_stds_for(self, relative: bool) -> tuple[float, ...]:
+        """Return the std levels of the absolute or of the relative runs."""
+        if relative and self.relative_noise_stds is not None:
+            return self.relative_noise_stds
+        return self.noise_stds
+
     def configurations(self) -> list[ExperimentConfig]:
         """Return every distinct configuration of the product, in a stable order.
 
@@ -184,7 +212,6 @@ class SweepGrid:
             placement,
             relative,
             schedule,
-            noise_std,
         ) in itertools.product(
             self.models,
             self.images_per_learner,
@@ -196,28 +223,28 @@ class SweepGrid:
             self.placements,
             self.relative,
             self.schedules,
-            self.noise_stds,
         ):
-            config = ExperimentConfig(
-                dataset=self.dataset,
-                data_dir=self.data_dir,
-                model=model,
-                learners=learners,
-                images_per_learner=images,
-                local_steps=local_steps,
-                rounds=self.rounds_for(local_steps),
-                batch_size=batch_size,
-                learning_rate=learning_rate,
-                noise_std=noise_std,
-                schedule=schedule,
-                relative=relative,
-                placement=placement,
-                distribution=self.distribution,
-                partitioning=partitioning,
-                dirichlet_alpha=self.dirichlet_alpha,
-                record_rounds=self.record_rounds,
-            )
-            configurations.setdefault(config.canonical(), None)
+            for noise_std in self.noise_stds_for(relative):
+                config = ExperimentConfig(
+                    dataset=self.dataset,
+                    data_dir=self.data_dir,
+                    model=model,
+                    learners=learners,
+                    images_per_learner=images,
+                    local_steps=local_steps,
+                    rounds=self.rounds_for(local_steps),
+                    batch_size=batch_size,
+                    learning_rate=learning_rate,
+                    noise_std=noise_std,
+                    schedule=schedule,
+                    relative=relative,
+                    placement=placement,
+                    distribution=self.distribution,
+                    partitioning=partitioning,
+                    dirichlet_alpha=self.dirichlet_alpha,
+                    record_rounds=self.record_rounds,
+                )
+                configurations.setdefault(config.canonical(), None)
         return list(configurations)
 
     def to_dict(self) -> dict[str, Any]:
