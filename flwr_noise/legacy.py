@@ -71,7 +71,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
 from flwr_noise.hook import WeightNoise
-from flwr_noise.mod import _server_round, noise_metrics
+from flwr_noise.mod import noise_metrics, server_round_of
 from flwr_noise.sampling import NoiseReport, perturb_arrays
 from flwr_noise.seeding import AGGREGATE_CLIENT, numpy_generator
 from flwr_noise.spec import NoiseSpec
@@ -82,9 +82,10 @@ from flwr_noise.strategy import (
     REPLIES_RECEIVED_KEY,
     SERVER_ROUND_KEY,
     ArraySignature,
-    _enabled_or_none,
-    _signature_mismatch,
+    enabled_or_none,
+    first_non_finite,
     noise_metric_key,
+    signature_mismatch,
 )
 
 # A NumPyClient does not know its node id: the strategy sends each client the
@@ -159,13 +160,6 @@ def _decode(parameters: Parameters, what: str) -> NDArrays:
             f"expected {NUMPY_TENSOR_TYPE!r} (flwr.common.ndarrays_to_parameters)"
         )
     return parameters_to_ndarrays(parameters)
-
-
-def _first_non_finite(arrays: Mapping[str, np.ndarray]) -> str | None:
-    for name, array in arrays.items():
-        if array.dtype.kind in "fc" and not np.isfinite(array).all():
-            return name
-    return None
 
 
 def _weighted_mean(values: Sequence[tuple[int, float]]) -> float:
@@ -279,9 +273,9 @@ class NoisyLegacyStrategy(Strategy):
             )
         names = None if array_names is None else self._checked_names(array_names)
         self.strategy = strategy
-        self.local = _enabled_or_none("local", local)
-        self.broadcast = _enabled_or_none("broadcast", broadcast)
-        self.aggregation = _enabled_or_none("aggregation", aggregation)
+        self.local = enabled_or_none("local", local)
+        self.broadcast = enabled_or_none("broadcast", broadcast)
+        self.aggregation = enabled_or_none("aggregation", aggregation)
         self.client_key_fn = client_key_fn
         self.array_names: tuple[str, ...] | None = names
         # Per round: what was injected and how many replies were used.
@@ -424,10 +418,10 @@ class NoisyLegacyStrategy(Strategy):
             got = {
                 name: (array.shape, str(array.dtype)) for name, array in arrays.items()
             }
-            mismatch = _signature_mismatch(expected, got)
+            mismatch = signature_mismatch(expected, got)
             if mismatch is not None:
                 return mismatch
-        non_finite = _first_non_finite(arrays)
+        non_finite = first_non_finite(arrays)
         if non_finite is not None:
             return f"array {non_finite!r} holds NaN or Inf"
         return None
@@ -614,7 +608,7 @@ def _fit_with_local_noise(fit: Callable[..., Any]) -> Callable[..., Any]:
         spec = spec_from_legacy_config(config)
         if not spec.enabled:
             return fit(self, parameters, config)
-        server_round = _server_round(config)
+        server_round = server_round_of(config)
         local_steps = self.local_steps or 0
         step_noise = _OptimizerStepNoise(
             self,

@@ -124,7 +124,8 @@ def client_key(msg: Message, context: Context | None = None) -> int | str:
     return msg.metadata.dst_node_id
 
 
-def _server_round(config: ConfigRecord) -> int:
+def server_round_of(config: ConfigRecord) -> int:
+    """Return the round a train config carries under ``server-round``."""
     server_round = config.get(SERVER_ROUND_KEY)
     if (
         not isinstance(server_round, numbers.Integral)
@@ -215,7 +216,7 @@ def weight_noise_from_message(
         model,
         spec,
         client=client_key(msg, context),
-        server_round=_server_round(config),
+        server_round=server_round_of(config),
         start_step=start_step,
         purpose="local",
     )
@@ -313,7 +314,7 @@ def weight_noise_mod(
     try:
         local = NoiseSpec.from_config(config, LOCAL_PREFIX) if has_local else None
         update = NoiseSpec.from_config(config, UPDATE_PREFIX) if has_update else None
-        server_round = _server_round(config)
+        server_round = server_round_of(config)
         client = client_key(msg, ctxt)
     except (TypeError, ValueError) as error:
         return _error_reply(msg, f"{_MOD_NAME}: {error}")

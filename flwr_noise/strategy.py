@@ -166,7 +166,8 @@ def _signature(record: ArrayRecord) -> ArraySignature:
     return {name: (tuple(array.shape), array.dtype) for name, array in record.items()}
 
 
-def _signature_mismatch(expected: ArraySignature, got: ArraySignature) -> str | None:
+def signature_mismatch(expected: ArraySignature, got: ArraySignature) -> str | None:
+    """Say how a reply's arrays differ from those sent, or ``None`` if they match."""
     missing = [name for name in expected if name not in got]
     unexpected = [name for name in got if name not in expected]
     if missing or unexpected:
@@ -184,15 +185,16 @@ def _signature_mismatch(expected: ArraySignature, got: ArraySignature) -> str | 
     return None
 
 
-def _first_non_finite(record: ArrayRecord) -> str | None:
-    for name, array in record.items():
-        values = array.numpy()
-        if values.dtype.kind in "fc" and not np.isfinite(values).all():
+def first_non_finite(arrays: Mapping[str, np.ndarray]) -> str | None:
+    """Return the name of the first array holding NaN or Inf, else ``None``."""
+    for name, array in arrays.items():
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
             return name
     return None
 
 
-def _enabled_or_none(name: str, spec: NoiseSpec | None) -> NoiseSpec | None:
+def enabled_or_none(name: str, spec: NoiseSpec | None) -> NoiseSpec | None:
+    """Check a wrapper's spec argument; ``None`` when it is absent or off."""
     if spec is None:
         return None
     if not isinstance(spec, NoiseSpec):
@@ -300,10 +302,10 @@ class NoisyStrategy(Strategy):
                 "or None"
             )
         self.strategy = strategy
-        self.local = _enabled_or_none("local", local)
-        self.broadcast = _enabled_or_none("broadcast", broadcast)
-        self.aggregation = _enabled_or_none("aggregation", aggregation)
-        self.update = _enabled_or_none("update", update)
+        self.local = enabled_or_none("local", local)
+        self.broadcast = enabled_or_none("broadcast", broadcast)
+        self.aggregation = enabled_or_none("aggregation", aggregation)
+        self.update = enabled_or_none("update", update)
         self.client_key_fn = client_key_fn
         self.local_steps = local_steps
         # Per round: what was injected and how many replies were used.
@@ -470,10 +472,10 @@ class NoisyStrategy(Strategy):
         record = reply.content[key]
         assert isinstance(record, ArrayRecord)
         if expected is not None:
-            mismatch = _signature_mismatch(expected, _signature(record))
+            mismatch = signature_mismatch(expected, _signature(record))
             if mismatch is not None:
                 return mismatch
-        non_finite = _first_non_finite(record)
+        non_finite = first_non_finite(decode_arrays(record))
         if non_finite is not None:
             return f"array {non_finite!r} holds NaN or Inf"
         return None
