@@ -50,11 +50,12 @@ from common import (
 )
 
 TARGET_RATIO = 2.0
-# The paper's setting on the offline MNIST data: 10 clients, CNN.
+# The paper's setting on the offline MNIST data: 10 clients, CNN; 2 rounds of
+# 25 steps keep a run to a few minutes (--rounds 3 --local-steps 50 for more).
 DEFAULT_SETTINGS: dict[str, Any] = {
     "clients": 10,
-    "num-server-rounds": 3,
-    "local-steps": 50,
+    "num-server-rounds": 2,
+    "local-steps": 25,
     "batch-size": 16,
     "model": "cnn",
     "dataset": "mnist",
@@ -70,11 +71,16 @@ QUICK_SETTINGS: dict[str, Any] = {
 }
 
 
-def floor_job(overrides: dict[str, Any], num_clients: int) -> dict[str, Any]:
+def floor_job(
+    overrides: dict[str, Any], num_clients: int, torch_threads: int
+) -> dict[str, Any]:
     """Job for ``run_isolated``: the App's experiment without Flower."""
+    import torch
+
     from flwr_noise.config import AppConfig
     from flwr_noise.reproduce import ExperimentConfig, run_experiment
 
+    torch.set_num_threads(torch_threads)
     config = AppConfig.from_run_config(app_run_config(overrides))
     if config.broadcast_noise_std or config.aggregation_noise_std:
         raise ValueError(
@@ -181,12 +187,15 @@ CLIENT_COSTS: dict[str, tuple[str, str]] = {
 }
 
 
-def profile_app(settings: dict[str, Any], top: int) -> dict[str, Any]:
+def profile_app(
+    settings: dict[str, Any], top: int, extra: dict[str, Any]
+) -> dict[str, Any]:
     """Run the App once more under cProfile and break its costs down."""
     profile_dir = Path(tempfile.mkdtemp(prefix="flwr-noise-profile-"))
     try:
         run = run_isolated(
-            "common:app_job", app_params(settings, profile_dir=str(profile_dir))
+            "common:app_job",
+            app_params(settings, profile_dir=str(profile_dir), **extra),
         )
         server = load_profiles([profile_dir / "server.prof"])
         clients = load_profiles(sorted(profile_dir.glob("client-*.prof")))
@@ -249,10 +258,19 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="digits + MLP, 2 rounds x 10 steps"
     )
-    parser.add_argument("--repeats", type=int, default=3, help="runs per side")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per side")
     parser.add_argument("--clients", type=int, help="number of clients (m)")
     parser.add_argument("--rounds", type=int, help="number of rounds")
     parser.add_argument("--local-steps", type=int, help="local steps per round (b)")
+    parser.add_argument(
+        "--floor-threads",
+        type=int,
+        default=1,
+        help="torch threads of the floor (the App's 1-CPU actors use 1)",
+    )
+    parser.add_argument(
+        "--num-cpus-per-client", type=float, default=1.0, help="Ray CPUs per actor"
+    )
     parser.add_argument(
         "--profile", action="store_true", help="profile one more App run"
     )
@@ -278,14 +296,19 @@ def main() -> None:
             flush=True,
         )
 
+    cpus = {"num_cpus_per_client": args.num_cpus_per_client}
     print(f"settings: {settings}", flush=True)
     runs = interleave(
         {
             "floor": lambda: run_isolated(
                 "bench_floor:floor_job",
-                {"overrides": overrides, "num_clients": settings["clients"]},
+                {
+                    "overrides": overrides,
+                    "num_clients": settings["clients"],
+                    "torch_threads": args.floor_threads,
+                },
             ),
-            "app": lambda: run_isolated("common:app_job", app_params(settings)),
+            "app": lambda: run_isolated("common:app_job", app_params(settings, **cpus)),
         },
         args.repeats,
         on_result=progress,
@@ -326,6 +349,8 @@ def main() -> None:
     report: dict[str, Any] = {
         "benchmark": "bench_floor",
         "settings": settings,
+        "floor_torch_threads": args.floor_threads,
+        "num_cpus_per_client": args.num_cpus_per_client,
         "repeats": args.repeats,
         "target_ratio": TARGET_RATIO,
         "ratio_app_over_floor": ratios,
@@ -345,7 +370,7 @@ def main() -> None:
         },
     }
     if args.profile:
-        profile = profile_app(settings, args.top)
+        profile = profile_app(settings, args.top, cpus)
         print_profile(profile)
         report["profile"] = profile
     print(f"\nwrote {write_report(report, args.out)}")

@@ -22,6 +22,7 @@ import importlib
 import io
 import json
 import logging
+import math
 import os
 import platform
 import pstats
@@ -550,9 +551,17 @@ def median(values: Sequence[float]) -> float:
 def median_ratios(
     samples: Mapping[str, Sequence[float]], baseline: str
 ) -> dict[str, float]:
-    """Median of every variant divided by the median of ``baseline``."""
+    """Median of every variant divided by the median of ``baseline`` (nan if 0)."""
     reference = median(samples[baseline])
+    if reference == 0:
+        return {name: math.nan for name in samples}
     return {name: median(values) / reference for name, values in samples.items()}
+
+
+def relative_spread(values: Sequence[float]) -> float:
+    """(max - min) / median: how much repetitions of one variant disagree."""
+    middle = median(values)
+    return (max(values) - min(values)) / middle if middle else math.nan
 
 
 # Memory of the process tree ---------------------------------------------------
@@ -720,6 +729,8 @@ def machine_info() -> dict[str, Any]:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
         "cpu_count": os.cpu_count(),
+        # Other work on the machine slows both sides of a ratio alike.
+        "load_average_1_5_15min": list(os.getloadavg()),
         "processor": platform.processor() or platform.machine(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "python": platform.python_version(),

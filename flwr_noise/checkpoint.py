@@ -11,8 +11,8 @@ never a truncated one). It holds everything the next round depends on:
   strategies use to sample clients;
 - the state that Flower's stateful strategies carry from round to round
   (``STRATEGY_STATE_ATTRIBUTES``: FedAdam / FedYogi / FedAdagrad moments,
-  FedAvgM momentum, the adaptive clipping norm), found anywhere in a chain of
-  wrappers (``NoisyStrategy(FedAdam(...))``). FedAvg has none.
+  FedAvgM momentum and model, the adaptive clipping norm), found anywhere in a
+  chain of wrappers (``NoisyStrategy(FedAdam(...))``). FedAvg has none.
 
 The results so far are in ``results.json``, written before the checkpoint of
 the same round, so a resumed run drops at most the rounds recorded after the
@@ -20,17 +20,13 @@ last checkpoint and redoes them (see ``ResultsWriter(resume_after=...)``).
 
 Noise streams depend only on (seed, partition, round, purpose) and the
 clients' mini-batches on (seed, partition, round), so a resumed run draws the
-same noise and batches as the uninterrupted run would have; with replies
-averaged in partition order (``NoisyStrategy(client_key_fn=...)``) and every
-client training each round (``fraction-train = 1``), its rounds are equal bit
-for bit. With ``fraction-train < 1`` the same random state samples the same
-positions of ``grid.get_node_ids()``, so which partitions train depends on the
-order of the node ids Flower assigns in the resumed run.
+same noise and batches as the uninterrupted run would have. With
+``NoisyStrategy(client_key_fn=...)`` replies are averaged, and clients sampled
+(``fraction-train < 1``), in partition order, so with the restored random state
+its rounds are equal bit for bit whatever node ids Flower assigns.
 
-Limits: strategy state outside ``STRATEGY_STATE_ATTRIBUTES`` (a custom
-strategy's own attributes) is not saved. FedAvgM's ``current_arrays`` is
-rebuilt from the global model, which differs from it only when noise is added
-to the aggregate.
+Limit: strategy state outside ``STRATEGY_STATE_ATTRIBUTES`` (a custom
+strategy's own attributes) is not saved.
 """
 
 from __future__ import annotations
@@ -56,6 +52,7 @@ CHECKPOINT_FORMAT = 1
 RESUMABLE_CONFIG_CHANGES: tuple[str, ...] = (
     "num-server-rounds",
     "round-timeout",
+    "min-nodes",
     "resume",
     "results-dir",
     "run-name",
@@ -65,12 +62,12 @@ STRATEGY_STATE_ATTRIBUTES: tuple[str, ...] = (
     "m_t",  # FedAdam, FedYogi, FedAdagrad (FedOpt)
     "v_t",
     "momentum_vector",  # FedAvgM
+    "current_arrays",  # FedAvgM keeps it across rounds (others reset it each round)
     "clipping_norm",  # DifferentialPrivacy*AdaptiveClipping
 )
 
 _META_KEY = "meta"
-_MODEL_PREFIX = "model/"
-_STATE_PREFIX = "state/"
+_ARRAY_PREFIX = "array-"
 
 
 @dataclass(frozen=True, eq=False)
@@ -167,18 +164,32 @@ def restore_strategy_state(strategy: Strategy, state: Mapping[str, Any]) -> None
             or attribute not in STRATEGY_STATE_ATTRIBUTES
             or not hasattr(chain[int(depth)], attribute)
         ):
+            names = "(".join(type(member).__name__ for member in chain)
             raise ValueError(
-                f"strategy state {name!r} is not allowed for {strategy!r}: expected "
-                "the state of the same strategy (and wrappers) as the checkpoint's"
+                f"strategy state {name!r} is not allowed for {names}"
+                f"{')' * (len(chain) - 1)}: expected the state of the same strategy "
+                "(and wrappers) as the checkpoint's"
             )
         setattr(chain[int(depth)], attribute, value)
 
 
 def _encode(value: Any, arrays: list[np.ndarray]) -> Any:
-    """Return ``value`` as JSON data; its ndarrays are moved into ``arrays``."""
+    """Return ``value`` as JSON data; its ndarrays are moved into ``arrays``.
+
+    ``ArrayRecord``s keep their arrays' bytes, dtype, shape and serialization
+    as they are, so they come back byte for byte.
+    """
     if isinstance(value, np.ndarray):
         arrays.append(value)
         return {"array": len(arrays) - 1}
+    if isinstance(value, ArrayRecord):
+        return {
+            "arrays": [
+                [name, array.dtype, list(array.shape), array.stype]
+                + [_encode(np.frombuffer(array.data, dtype=np.uint8), arrays)]
+                for name, array in value.items()
+            ]
+        }
     if isinstance(value, np.generic):
         return {"value": value.item()}
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -192,7 +203,8 @@ def _encode(value: Any, arrays: list[np.ndarray]) -> Any:
         return {"tuple" if isinstance(value, tuple) else "list": items}
     raise TypeError(
         f"checkpoint value of type {type(value).__name__} is not allowed: expected "
-        "numbers, strings, None, ndarrays, and lists, tuples or dicts of them"
+        "numbers, strings, None, ndarrays, ArrayRecords, and lists, tuples or "
+        "dicts of them"
     )
 
 
@@ -200,6 +212,18 @@ def _decode(data: Any, arrays: Mapping[int, np.ndarray]) -> Any:
     (kind, content), *_ = data.items()
     if kind == "array":
         return arrays[content]
+    if kind == "arrays":
+        return ArrayRecord(
+            {
+                name: Array(
+                    dtype=dtype,
+                    shape=tuple(shape),
+                    stype=stype,
+                    data=_decode(data_bytes, arrays).tobytes(),
+                )
+                for name, dtype, shape, stype, data_bytes in content
+            }
+        )
     if kind == "value":
         return content
     if kind == "dict":
@@ -210,6 +234,10 @@ def _decode(data: Any, arrays: Mapping[int, np.ndarray]) -> Any:
 
 def save_checkpoint(run_dir: str | Path, checkpoint: Checkpoint) -> Path:
     """Write ``<run_dir>/checkpoint.npz`` atomically.
+
+    The file is an uncompressed NumPy ``.npz``: one JSON entry (``meta``:
+    format, round, config, and the layout of everything else) and one array
+    per model array (its serialized bytes) and per state array.
 
     Parameters
     ----------
@@ -224,24 +252,21 @@ def save_checkpoint(run_dir: str | Path, checkpoint: Checkpoint) -> Path:
         The checkpoint file.
 
     """
-    entries: dict[str, np.ndarray] = {}
-    model_layout = []
-    for index, (name, array) in enumerate(checkpoint.arrays.items()):
-        entries[f"{_MODEL_PREFIX}{index}"] = np.frombuffer(array.data, dtype=np.uint8)
-        model_layout.append([name, array.dtype, list(array.shape), array.stype])
-    state_arrays: list[np.ndarray] = []
+    arrays: list[np.ndarray] = []
     meta = {
         "format": CHECKPOINT_FORMAT,
         "server_round": int(checkpoint.server_round),
-        "model": model_layout,
         "config": checkpoint.config,
         "state": _encode(
-            {"rng": checkpoint.rng_state, "strategy": checkpoint.strategy_state},
-            state_arrays,
+            {
+                "model": checkpoint.arrays,
+                "rng": checkpoint.rng_state,
+                "strategy": checkpoint.strategy_state,
+            },
+            arrays,
         ),
     }
-    for index, array in enumerate(state_arrays):
-        entries[f"{_STATE_PREFIX}{index}"] = array
+    entries = {f"{_ARRAY_PREFIX}{index}": array for index, array in enumerate(arrays)}
     meta_bytes = json.dumps(meta, allow_nan=False).encode("utf-8")
     entries[_META_KEY] = np.frombuffer(meta_bytes, dtype=np.uint8)
 
@@ -277,29 +302,17 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     try:
         with np.load(file, allow_pickle=False) as stored:
             entries = {name: stored[name] for name in stored.files}
-        meta = json.loads(entries[_META_KEY].tobytes().decode("utf-8"))
+        meta = json.loads(entries.pop(_META_KEY).tobytes().decode("utf-8"))
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"format {meta.get('format')!r}")
-        arrays = ArrayRecord(
-            {
-                name: Array(
-                    dtype=dtype,
-                    shape=tuple(shape),
-                    stype=stype,
-                    data=entries[f"{_MODEL_PREFIX}{index}"].tobytes(),
-                )
-                for index, (name, dtype, shape, stype) in enumerate(meta["model"])
-            }
-        )
-        state_arrays = {
-            int(name.removeprefix(_STATE_PREFIX)): array
+        arrays = {
+            int(name.removeprefix(_ARRAY_PREFIX)): array
             for name, array in entries.items()
-            if name.startswith(_STATE_PREFIX)
         }
-        state = _decode(meta["state"], state_arrays)
+        state = _decode(meta["state"], arrays)
         return Checkpoint(
             server_round=int(meta["server_round"]),
-            arrays=arrays,
+            arrays=state["model"],
             config=dict(meta["config"]),
             rng_state=state["rng"],
             strategy_state=state["strategy"],
@@ -310,7 +323,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise ValueError(
             f"checkpoint file {str(file)!r} is not allowed: expected a "
             f"{CHECKPOINT_FILE} of format {CHECKPOINT_FORMAT} written by flwr-noise, "
-            f"but {str(file)!r} could not be read ({type(error).__name__}: {error})"
+            f"but it could not be read ({type(error).__name__}: {error})"
         ) from error
 
 

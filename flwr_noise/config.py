@@ -262,6 +262,10 @@ class AppConfig:
         ``round-timeout``: seconds the server waits for the replies of one
         round, finite and ``> 0``; a SuperNode that has not answered by then
         (dead, disconnected) is left out of that round.
+    min_nodes : int
+        ``min-nodes``: the server waits (up to ``round-timeout`` seconds) for
+        this many connected SuperNodes before the first round, and samples
+        from at least this many every round.
     resume : str
         ``resume``: ``""`` starts a new run; the name of a run folder in
         ``results-dir``, or the path of one, continues that run from its last
@@ -300,6 +304,7 @@ class AppConfig:
     fraction_train: float = _key(1.0, _real(above=0.0, at_most=1.0))
     num_partitions: int = _key(0, _integer(0))
     run_name: str = _key("", _run_name)
+    min_nodes: int = _key(1, _integer(1))
     round_timeout: float = _key(300.0, _real(above=0.0))
     resume: str = _key("", _resume)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 from flwr.app import (
@@ -36,6 +37,7 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
+from flwr.supercore.run import Run
 
 from flwr_noise.sampling import NoiseReport, perturb_arrays
 from flwr_noise.seeding import AGGREGATE_CLIENT, numpy_generator
@@ -204,6 +206,49 @@ def enabled_or_none(name: str, spec: NoiseSpec | None) -> NoiseSpec | None:
     return spec if spec.enabled else None
 
 
+class _ClientKeyOrderedGrid(Grid):
+    """A Grid that lists its nodes in client-key order.
+
+    Flower's strategies sample nodes with ``random.sample`` over
+    ``grid.get_node_ids()``, whose order follows the node ids, random on every
+    run. Listing them by a stable client key makes a seeded ``random`` pick the
+    same clients every run.
+    """
+
+    def __init__(self, grid: Grid, client_key: Callable[[int], int | str]) -> None:
+        self._grid = grid
+        self._client_key = client_key
+
+    def get_node_ids(self) -> Iterable[int]:
+        """List the node ids in client-key order."""
+        return sorted(
+            self._grid.get_node_ids(),
+            key=lambda node_id: str(self._client_key(node_id)),
+        )
+
+    # The rest delegates to the wrapped Grid.
+    def set_run(self, run: Run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self._grid.create_message(*args, **kwargs)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
 class NoisyStrategy(Strategy):
     """Strategy wrapper that injects weight noise into federated training.
 
@@ -363,6 +408,8 @@ class NoisyStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Configure the next round of training, with each client's noise."""
+        if self.client_key_fn is not None:
+            grid = _ClientKeyOrderedGrid(grid, self.client_key)
         messages = list(
             self.strategy.configure_train(server_round, arrays, config, grid)
         )

@@ -404,20 +404,26 @@ def stop_local_superlink(env: Mapping[str, str]) -> list[int]:
 
 
 def write_superlink_connection(
-    env: Mapping[str, str], name: str, control_address: str
+    env: Mapping[str, str],
+    name: str,
+    control_address: str,
+    root_certificates: Path | None = None,
 ) -> Path:
-    """Write an insecure ``[superlink.<name>]`` connection; return the file.
+    """Write a ``[superlink.<name>]`` connection; return the file.
 
-    The Flower configuration file is ``$FLWR_HOME/config.toml``.
+    The connection is insecure unless ``root_certificates`` (the CA
+    certificate that signed the SuperLink's TLS certificate) is given; then
+    ``flwr`` talks HTTPS and verifies the SuperLink with it. The Flower
+    configuration file is ``$FLWR_HOME/config.toml``.
     """
     config_path = Path(env["FLWR_HOME"]) / "config.toml"
     config_path.parent.mkdir(parents=True, exist_ok=True)
-    config = {
-        "superlink": {
-            "default": name,
-            name: {"address": control_address, "insecure": True},
-        }
-    }
+    connection: dict[str, str | bool] = {"address": control_address}
+    if root_certificates is None:
+        connection["insecure"] = True
+    else:
+        connection["root-certificates"] = str(root_certificates)
+    config = {"superlink": {"default": name, name: connection}}
     config_path.write_text(tomli_w.dumps(config))
     return config_path
 
@@ -437,9 +443,12 @@ class Deployment:
         return "\n".join(process.log_tail() for process in self.processes)
 
 
-def _component_env(env: Mapping[str, str], tmp_path: Path, name: str) -> dict[str, str]:
-    # Each component gets a Flower home of its own, as on separate machines, so
-    # that two SuperNodes never install the same App into the same folder.
+def component_env(env: Mapping[str, str], tmp_path: Path, name: str) -> dict[str, str]:
+    """Return ``env`` with a Flower home of the component's own in ``tmp_path``.
+
+    As on separate machines: two SuperNodes never install the same App into
+    the same folder.
+    """
     return {**env, "FLWR_HOME": str(tmp_path / "components" / name)}
 
 
@@ -454,10 +463,14 @@ class ComponentCommands:
     supernode : Callable[[str, int, int], list[str]]
         (Fleet API address, its Runtime API port on loopback, its index) ->
         command.
+    root_certificates : Path | None
+        The CA certificate of a SuperLink that serves TLS, for the ``flwr``
+        connection to its Control API; None for an insecure SuperLink.
     """
 
     superlink: Callable[[str, int], list[str]]
     supernode: Callable[[str, int, int], list[str]]
+    root_certificates: Path | None = None
 
 
 def flower_commands(node_configs: Sequence[str]) -> ComponentCommands:
@@ -509,6 +522,7 @@ def deployment(
     env: Mapping[str, str] | None = None,
     connection_name: str = "e2e",
     commands: ComponentCommands | None = None,
+    before_supernodes: Callable[[Deployment], None] | None = None,
 ) -> Iterator[Deployment]:
     """Run a SuperLink and ``num_supernodes`` SuperNodes on free loopback ports.
 
@@ -527,6 +541,9 @@ def deployment(
         Name of the ``[superlink.<name>]`` connection written for ``flwr run``.
     commands : ComponentCommands | None
         How to start the components; by default :func:`flower_commands`.
+    before_supernodes : Callable[[Deployment], None] | None
+        Called with the deployment so far (the SuperLink only, its connection
+        written) before any SuperNode starts, e.g. to register SuperNode keys.
 
     Yields
     ------
@@ -553,35 +570,43 @@ def deployment(
             started_process(
                 "superlink",
                 commands.superlink(fleet_address, control_port),
-                _component_env(env, tmp_path, "superlink"),
+                component_env(env, tmp_path, "superlink"),
                 log_dir,
             )
         )
         wait_for_port(control_port, process=superlink)
         wait_for_port(fleet_port, process=superlink)
+        control_address = f"{LOOPBACK}:{control_port}"
+        write_superlink_connection(
+            env, connection_name, control_address, commands.root_certificates
+        )
         processes = [superlink]
+
+        def so_far() -> Deployment:
+            return Deployment(
+                connection_name=connection_name,
+                env=env,
+                control_address=control_address,
+                fleet_address=fleet_address,
+                processes=tuple(processes),
+            )
+
+        if before_supernodes is not None:
+            before_supernodes(so_far())
         for index in range(num_supernodes):
             runtime_port = free_port()
             supernode = stack.enter_context(
                 started_process(
                     f"supernode-{index}",
                     commands.supernode(fleet_address, runtime_port, index),
-                    _component_env(env, tmp_path, f"supernode-{index}"),
+                    component_env(env, tmp_path, f"supernode-{index}"),
                     log_dir,
                 )
             )
             wait_for_port(runtime_port, process=supernode)
             processes.append(supernode)
-        control_address = f"{LOOPBACK}:{control_port}"
-        write_superlink_connection(env, connection_name, control_address)
         wait_for_supernodes(env, connection_name, num_supernodes)
-        yield Deployment(
-            connection_name=connection_name,
-            env=env,
-            control_address=control_address,
-            fleet_address=fleet_address,
-            processes=tuple(processes),
-        )
+        yield so_far()
 
 
 # Checking a run's results ----------------------------------------------------

@@ -75,6 +75,9 @@ CUSTOM = {
     "fraction-train": 0.5,
     "num-partitions": 10,
     "run-name": "my-run_1",
+    "min-nodes": 3,
+    "round-timeout": 60.0,
+    "resume": "earlier-run",
 }
 
 

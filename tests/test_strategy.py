@@ -546,3 +546,36 @@ def test_start_runs_rounds_and_records_the_noise(name: str) -> None:
         assert metrics["noise-aggregation-sigma"] == 0.001
         assert metrics["replies-received"] == len(NODE_IDS)
     assert set(strategy.round_noise) == {1, 2}
+
+
+def test_partial_sampling_picks_the_same_partitions_whatever_the_node_ids() -> None:
+    arrays = array_record(random_arrays(SMALL_SHAPES))
+    run_a = {101: 0, 205: 1, 150: 2, 999: 3, 120: 4, 310: 5}
+    run_b = {7: 3, 3: 0, 5: 5, 1: 1, 9: 2, 8: 4}
+
+    def sampled_partitions(node_to_partition: dict[int, int]) -> list[int]:
+        strategy = NoisyStrategy(
+            FedAvg(fraction_train=0.5, min_available_nodes=1, min_train_nodes=1),
+            client_key_fn=node_to_partition.__getitem__,
+        )
+        random.seed(3)
+        messages = configure(strategy, 1, arrays, FakeGrid(node_to_partition))
+        return sorted(node_to_partition[m.metadata.dst_node_id] for m in messages)
+
+    first = sampled_partitions(run_a)
+    assert len(first) == 3
+    assert sampled_partitions(run_b) == first
+    # Without client keys the pick follows the random node ids.
+    picks = set()
+    for node_to_partition in (run_a, run_b):
+        random.seed(3)
+        messages = configure(
+            NoisyStrategy(FedAvg(fraction_train=0.5, min_available_nodes=1)),
+            1,
+            arrays,
+            FakeGrid(node_to_partition),
+        )
+        picks.add(
+            tuple(sorted(node_to_partition[m.metadata.dst_node_id] for m in messages))
+        )
+    assert len(picks) == 2

@@ -23,8 +23,8 @@
 # CA and its rules for key sizes, lifetimes and revocation.
 set -euo pipefail
 
-script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-out_dir="${1:-$script_dir/certificates}"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+out_dir="${1:-$secure_dir/certificates}"
 if [[ $# -gt 0 ]]; then shift; fi
 days="${CERT_DAYS:-365}"
 
