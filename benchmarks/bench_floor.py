@@ -4,7 +4,10 @@ The floor is ``flwr_noise.reproduce.run_experiment``: m model copies (one
 working model loaded with each client's weights in turn), b SGD steps each with
 the same local weight noise, a FedAvg-weighted average, every local model and
 the average evaluated on the held-out data after every round. It is the App's
-experiment without Flower (its averages are bit-identical to the App's).
+experiment without Flower (its averages are bit-identical to the App's). It
+runs with torch's default threads (one per core); the App's Ray actors get one
+CPU, hence one thread, each, and train clients in parallel: both sides use
+every core.
 
 Both sides run in a fresh Python process each, interleaved (floor, app, app,
 floor, ...); the figures are medians over the repetitions:
@@ -44,6 +47,7 @@ from common import (
     interleave,
     load_profiles,
     median,
+    quiet_logs,
     run_isolated,
     top_functions,
     write_report,
@@ -72,15 +76,19 @@ QUICK_SETTINGS: dict[str, Any] = {
 
 
 def floor_job(
-    overrides: dict[str, Any], num_clients: int, torch_threads: int
+    overrides: dict[str, Any], num_clients: int, torch_threads: int = 0
 ) -> dict[str, Any]:
-    """Job for ``run_isolated``: the App's experiment without Flower."""
+    """Job for ``run_isolated``: the App's experiment without Flower.
+
+    ``torch_threads`` 0 keeps torch's default (one thread per core).
+    """
     import torch
 
     from flwr_noise.config import AppConfig
     from flwr_noise.reproduce import ExperimentConfig, run_experiment
 
-    torch.set_num_threads(torch_threads)
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
     config = AppConfig.from_run_config(app_run_config(overrides))
     if config.broadcast_noise_std or config.aggregation_noise_std:
         raise ValueError(
@@ -162,13 +170,15 @@ def app_phases(runs: list[IsolatedRun]) -> dict[str, float]:
 SERVER_COSTS: dict[str, tuple[str, str]] = {
     "load_dataset (server)": ("load_dataset", "tasks/data.py"),
     "discover_partition_ids": ("discover_partition_ids", "federation.py"),
-    "strategy.start": ("start", "strategy/strategy.py"),
+    "run_rounds (all rounds)": ("run_rounds", "flwr_noise/federation.py"),
     "grid.send_and_receive (waiting)": ("timed", "benchmarks/common.py"),
     "NoisyStrategy.aggregate_train": ("aggregate_train", "flwr_noise/strategy.py"),
     "global evaluation": ("evaluate", "tasks/training.py"),
     "ResultsWriter.add_round": ("add_round", "results.py"),
     "results plot (_plot_rounds)": ("_plot_rounds", "results.py"),
     "ResultsWriter.finish": ("finish", "results.py"),
+    "Checkpointer.save": ("save", "flwr_noise/checkpoint.py"),
+    "atomic_write (with fsync)": ("atomic_write", "flwr_noise/results.py"),
 }
 CLIENT_COSTS: dict[str, tuple[str, str]] = {
     "train (whole ClientApp call)": ("train", "client_app/app.py"),
@@ -265,8 +275,8 @@ def main() -> None:
     parser.add_argument(
         "--floor-threads",
         type=int,
-        default=1,
-        help="torch threads of the floor (the App's 1-CPU actors use 1)",
+        default=0,
+        help="torch threads of the floor; 0: torch's default, one per core",
     )
     parser.add_argument(
         "--num-cpus-per-client", type=float, default=1.0, help="Ray CPUs per actor"
@@ -277,6 +287,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25, help="profile rows to keep")
     parser.add_argument("--out", type=Path, default=default_report_path("bench_floor"))
     args = parser.parse_args()
+    quiet_logs()
 
     settings = dict(QUICK_SETTINGS if args.quick else DEFAULT_SETTINGS)
     for key, value in (
@@ -349,7 +360,7 @@ def main() -> None:
     report: dict[str, Any] = {
         "benchmark": "bench_floor",
         "settings": settings,
-        "floor_torch_threads": args.floor_threads,
+        "floor_torch_threads": args.floor_threads or "torch default",
         "num_cpus_per_client": args.num_cpus_per_client,
         "repeats": args.repeats,
         "target_ratio": TARGET_RATIO,

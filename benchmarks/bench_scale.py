@@ -33,6 +33,7 @@ from common import (
     format_table,
     interleave,
     median,
+    quiet_logs,
     run_isolated,
     write_report,
 )
@@ -104,6 +105,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=default_report_path("bench_scale"))
     args = parser.parse_args()
+    quiet_logs()
 
     clients = args.clients or ([10, 100] if args.quick else [10, 100, 1000])
     round_counts = args.rounds or ([2, 4] if args.quick else [3, 6])

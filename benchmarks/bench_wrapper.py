@@ -16,6 +16,12 @@ The ratios are medians over the repetitions of: the whole ``run_simulation``
 call (the target's figure), the ServerApp's ``main``, and the rounds after the
 first (steady state, without Ray's and the actors' start-up).
 
+A second table isolates the server side: the strategy's own work per round
+(``configure_train`` + ``aggregate_train`` on the App's model and as many
+replies as clients), in this process with the test suite's ``FakeGrid``
+playing the clients (no Ray, no polling), so that it resolves fractions of a
+millisecond.
+
 Usage::
 
     python benchmarks/bench_wrapper.py [--quick] [--repeats N]
@@ -25,11 +31,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from common import (
     NOISE_OFF,
+    PROJECT_ROOT,
     IsolatedRun,
     app_run_config,
     default_report_path,
@@ -37,18 +46,19 @@ from common import (
     interleave,
     median,
     median_ratios,
+    quiet_logs,
     relative_spread,
     run_isolated,
     write_report,
 )
 
 BASELINE = "fedavg"
-# Variant -> (run config overrides, run with plain FedAvg, target ratio).
 NOISE_ON: dict[str, float] = {
     "local-noise-std": 0.01,
     "broadcast-noise-std": 0.01,
     "aggregation-noise-std": 0.001,
 }
+# Variant -> (run config overrides, run with plain FedAvg, target ratio).
 VARIANTS: dict[str, tuple[dict[str, float], bool, float]] = {
     BASELINE: (NOISE_OFF, True, 1.0),
     "noisy-off": (NOISE_OFF, False, 1.02),
@@ -81,6 +91,71 @@ def measures(run: IsolatedRun) -> dict[str, float]:
     }
 
 
+def strategy_round_seconds(
+    overrides: dict[str, Any], num_clients: int, plain: bool, rounds: int
+) -> float:
+    """Median seconds of the strategy's own work per round, without Flower's runtime.
+
+    The strategy is built as the ServerApp builds it; ``FakeGrid`` (from the
+    test suite) replies to every train message with the arrays it received.
+    Only ``configure_train`` and ``aggregate_train`` are timed.
+    """
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.serverapp.strategy import FedAvg
+
+    from flwr_noise.config import AppConfig
+    from flwr_noise.strategy import NoisyStrategy
+    from flwr_noise.tasks.data import load_dataset
+    from flwr_noise.tasks.models import build_model
+
+    sys.path.insert(0, str(PROJECT_ROOT / "tests"))
+    from fakes import FakeGrid
+
+    config = AppConfig.from_run_config(app_run_config(overrides))
+    data = load_dataset(config.dataset, config.data_dir, split_seed=config.seed)
+    model = build_model(config.model, data.input_shape, data.num_classes, seed=0)
+    arrays = ArrayRecord(model.state_dict())
+
+    def reply(message: Message) -> Message:
+        metrics = MetricRecord({"num-examples": 100, "local-accuracy": 0.5})
+        content = RecordDict({"arrays": message.content["arrays"], "metrics": metrics})
+        return Message(content, reply_to=message)
+
+    node_ids = list(range(1, num_clients + 1))
+    fedavg = FedAvg(
+        fraction_train=config.fraction_train,
+        fraction_evaluate=0.0,
+        min_train_nodes=1,
+        min_available_nodes=1,
+    )
+    strategy = (
+        fedavg
+        if plain
+        else NoisyStrategy(
+            fedavg,
+            local=config.local_spec(),
+            broadcast=config.broadcast_spec(),
+            aggregation=config.aggregation_spec(),
+            client_key_fn=lambda node_id: node_id - 1,
+            local_steps=config.local_steps,
+        )
+    )
+    grid = FakeGrid(node_ids, reply_fn=reply)
+    seconds = []
+    for server_round in range(1, rounds + 1):
+        start = time.perf_counter()
+        messages = list(
+            strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+        )
+        configured = time.perf_counter()
+        replies = list(grid.send_and_receive(messages))
+        received = time.perf_counter()
+        aggregate, _ = strategy.aggregate_train(server_round, replies)
+        seconds.append(configured - start + time.perf_counter() - received)
+        arrays = aggregate if aggregate is not None else arrays
+    return median(seconds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4 clients, 2 rounds")
@@ -92,9 +167,16 @@ def main() -> None:
         "--num-cpus-per-client", type=float, default=1.0, help="Ray CPUs per actor"
     )
     parser.add_argument(
+        "--strategy-repeats",
+        type=int,
+        default=20,
+        help="repetitions of the in-process strategy timing",
+    )
+    parser.add_argument(
         "--out", type=Path, default=default_report_path("bench_wrapper")
     )
     args = parser.parse_args()
+    quiet_logs()
 
     settings = dict(QUICK_SETTINGS if args.quick else DEFAULT_SETTINGS)
     for key, value in (
@@ -183,6 +265,40 @@ def main() -> None:
         + ", ".join(f"{name} {value:.3f}" for name, value in accuracies.items())
     )
 
+    strategy_ms = interleave(
+        {
+            name: (
+                lambda name=name: (
+                    1e3
+                    * strategy_round_seconds(
+                        params[name]["overrides"],
+                        settings["clients"],
+                        params[name]["plain"],
+                        settings["num-server-rounds"],
+                    )
+                )
+            )
+            for name in VARIANTS
+        },
+        args.strategy_repeats,
+    )
+    strategy_ratios = median_ratios(strategy_ms, BASELINE)
+    print()
+    print(
+        format_table(
+            ["variant", "strategy ms/round", f"x {BASELINE}", "+ ms/round"],
+            [
+                [
+                    name,
+                    median(values),
+                    strategy_ratios[name],
+                    median(values) - median(strategy_ms[BASELINE]),
+                ]
+                for name, values in strategy_ms.items()
+            ],
+        )
+    )
+
     report = {
         "benchmark": "bench_wrapper",
         "settings": settings,
@@ -196,6 +312,10 @@ def main() -> None:
         },
         "ratios": ratios,
         "simulation_spread": spreads,
+        "strategy_ms_per_round": {
+            name: median(values) for name, values in strategy_ms.items()
+        },
+        "strategy_ratios": strategy_ratios,
         "targets_met": {
             name: ratios["simulation_s"][name] <= target
             for name, (_, _, target) in VARIANTS.items()

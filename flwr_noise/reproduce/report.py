@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,7 @@ def markdown_summary(summary: dict[str, Any]) -> str:
     entries = summary["entries"]
     lines = [f"# Reproduction sweep: {summary['grid']['dataset']}", ""]
     if "command" in summary:
-        lines += ["```", " ".join(summary["command"]), "```", ""]
+        lines += ["```", shlex.join(summary["command"]), "```", ""]
     if not entries:
         return "\n".join([*lines, "No configuration has finished.", ""])
     varying = _varying_settings(entries)
