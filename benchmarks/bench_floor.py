@@ -41,6 +41,7 @@ from common import (
     MNIST_T10K_DIR,
     IsolatedRun,
     app_run_config,
+    bench_settings,
     cumulative_seconds,
     default_report_path,
     format_table,
@@ -289,15 +290,7 @@ def main() -> None:
     args = parser.parse_args()
     quiet_logs()
 
-    settings = dict(QUICK_SETTINGS if args.quick else DEFAULT_SETTINGS)
-    for key, value in (
-        ("clients", args.clients),
-        ("num-server-rounds", args.rounds),
-        ("local-steps", args.local_steps),
-    ):
-        if value is not None:
-            settings[key] = value
-    overrides = {key: value for key, value in settings.items() if key != "clients"}
+    settings, overrides = bench_settings(args, QUICK_SETTINGS, DEFAULT_SETTINGS)
     app_run_config(overrides)  # a bad setting fails here, before any run
 
     def progress(repeat: int, name: str, run: IsolatedRun) -> None:

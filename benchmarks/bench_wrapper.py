@@ -41,6 +41,7 @@ from common import (
     PROJECT_ROOT,
     IsolatedRun,
     app_run_config,
+    bench_settings,
     default_report_path,
     format_table,
     interleave,
@@ -178,15 +179,7 @@ def main() -> None:
     args = parser.parse_args()
     quiet_logs()
 
-    settings = dict(QUICK_SETTINGS if args.quick else DEFAULT_SETTINGS)
-    for key, value in (
-        ("clients", args.clients),
-        ("num-server-rounds", args.rounds),
-        ("local-steps", args.local_steps),
-    ):
-        if value is not None:
-            settings[key] = value
-    shared = {key: value for key, value in settings.items() if key != "clients"}
+    settings, shared = bench_settings(args, QUICK_SETTINGS, DEFAULT_SETTINGS)
     params: dict[str, dict[str, Any]] = {}
     for name, (noise, plain, _) in VARIANTS.items():
         overrides = {**shared, **noise}

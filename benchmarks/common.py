@@ -111,6 +111,26 @@ def app_run_config(overrides: Mapping[str, Any]) -> RunConfig:
     return dict(run_config)
 
 
+def bench_settings(
+    args: Any, quick: Mapping[str, Any], default: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Merge a benchmark's --quick/default settings with its command-line flags.
+
+    Returns the settings (with ``clients``) and the App run config overrides
+    (the settings without ``clients``).
+    """
+    settings = dict(quick if args.quick else default)
+    for key, value in (
+        ("clients", args.clients),
+        ("num-server-rounds", args.rounds),
+        ("local-steps", args.local_steps),
+    ):
+        if value is not None:
+            settings[key] = value
+    overrides = {key: value for key, value in settings.items() if key != "clients"}
+    return settings, overrides
+
+
 def backend_config(num_cpus_per_client: float) -> dict[str, Any]:
     """Return the Ray backend config: CPUs per ClientApp actor, quiet Ray logs.
 
