@@ -1,6 +1,6 @@
 """The App against its floor: the same experiment as a plain PyTorch loop.
 
-The floor is ``flwr_noise.reproduce.run_experiment``: m model copies (one
+The floor is ``flwr_noise_app.reproduce.run_experiment``: m model copies (one
 working model loaded with each client's weights in turn), b SGD steps each with
 the same local weight noise, a FedAvg-weighted average, every local model and
 the average evaluated on the held-out data after every round. It is the App's
@@ -85,8 +85,8 @@ def floor_job(
     """
     import torch
 
-    from flwr_noise.config import AppConfig
-    from flwr_noise.reproduce import ExperimentConfig, run_experiment
+    from flwr_noise_app.config import AppConfig
+    from flwr_noise_app.reproduce import ExperimentConfig, run_experiment
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
@@ -171,19 +171,19 @@ def app_phases(runs: list[IsolatedRun]) -> dict[str, float]:
 SERVER_COSTS: dict[str, tuple[str, str]] = {
     "load_dataset (server)": ("load_dataset", "tasks/data.py"),
     "discover_partition_ids": ("discover_partition_ids", "federation.py"),
-    "run_rounds (all rounds)": ("run_rounds", "flwr_noise/federation.py"),
+    "run_rounds (all rounds)": ("run_rounds", "flwr_noise_app/federation.py"),
     "grid.send_and_receive (waiting)": ("timed", "benchmarks/common.py"),
     "NoisyStrategy.aggregate_train": ("aggregate_train", "flwr_noise/strategy.py"),
     "global evaluation": ("evaluate", "tasks/training.py"),
     "ResultsWriter.add_round": ("add_round", "results.py"),
     "results plot (_plot_rounds)": ("_plot_rounds", "results.py"),
     "ResultsWriter.finish": ("finish", "results.py"),
-    "Checkpointer.save": ("save", "flwr_noise/checkpoint.py"),
-    "atomic_write (with fsync)": ("atomic_write", "flwr_noise/results.py"),
+    "Checkpointer.save": ("save", "flwr_noise_app/checkpoint.py"),
+    "atomic_write (with fsync)": ("atomic_write", "flwr_noise_app/results.py"),
 }
 CLIENT_COSTS: dict[str, tuple[str, str]] = {
     "train (whole ClientApp call)": ("train", "client_app/app.py"),
-    "AppConfig.from_run_config": ("from_run_config", "flwr_noise/config.py"),
+    "AppConfig.from_run_config": ("from_run_config", "flwr_noise_app/config.py"),
     "_local_task (load + partition)": ("_local_task", "client_app/app.py"),
     "load_dataset": ("load_dataset", "tasks/data.py"),
     "client_data (partitioning)": ("client_data", "tasks/data.py"),

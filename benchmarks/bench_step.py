@@ -42,7 +42,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flwr_noise import NoiseSpec, WeightNoise  # noqa: E402
-from flwr_noise.tasks.models import build_model  # noqa: E402
+from flwr_noise_app.tasks.models import build_model  # noqa: E402
 
 BATCH_SIZE = 64
 SIGMA = 0.01

@@ -104,7 +104,7 @@ def app_run_config(overrides: Mapping[str, Any]) -> RunConfig:
     """
     from flwr.common.config import get_fused_config_from_dir
 
-    from flwr_noise.config import AppConfig
+    from flwr_noise_app.config import AppConfig
 
     run_config = get_fused_config_from_dir(PROJECT_ROOT, dict(overrides))
     AppConfig.from_run_config(run_config)

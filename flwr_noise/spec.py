@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import math
-import numbers
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from flwr_noise.validation import (
+    check_bool,
+    check_real,
+    choice_checker,
+    is_integer,
+)
 
 DISTRIBUTIONS = ("gaussian", "uniform", "laplace")
 MODES = ("additive", "multiplicative")
@@ -20,73 +26,16 @@ CONFIG_NO_SEED = -1
 ConfigValue = int | float | str | bool | list[str]
 
 
-def _allowed(options: tuple[str, ...]) -> str:
-    return "one of " + ", ".join(repr(option) for option in options)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _is_integer(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _real(label: str, value: Any, expected: str) -> float:
-    if not _is_real(value):
-        raise TypeError(
-            f"{label}={value!r} is not allowed: expected a number {expected}"
-        )
-    number = float(value)
-    if not math.isfinite(number):
-        raise ValueError(
-            f"{label}={value!r} is not allowed: expected a finite number {expected}"
-        )
-    return number
-
-
 def _validate_std(label: str, value: Any) -> float:
-    std = _real(label, value, ">= 0")
-    if std < 0:
-        raise ValueError(f"{label}={value!r} is not allowed: expected a number >= 0")
-    return std
+    return check_real(label, value, low=0.0)
 
 
 def _validate_decay(label: str, value: Any) -> float:
-    decay = _real(label, value, "in (0, 1]")
-    if not 0 < decay <= 1:
-        raise ValueError(
-            f"{label}={value!r} is not allowed: expected a number in (0, 1]"
-        )
-    return decay
+    return check_real(label, value, low=0.0, high=1.0, low_open=True)
 
 
 def _validate_gamma(label: str, value: Any) -> float:
-    gamma = _real(label, value, "> 0")
-    if gamma <= 0:
-        raise ValueError(f"{label}={value!r} is not allowed: expected a number > 0")
-    return gamma
-
-
-def _choice(options: tuple[str, ...]) -> Callable[[str, Any], str]:
-    def validate(label: str, value: Any) -> str:
-        if not isinstance(value, str):
-            raise TypeError(
-                f"{label}={value!r} is not allowed: expected a str, {_allowed(options)}"
-            )
-        if value not in options:
-            raise ValueError(
-                f"{label}={value!r} is not allowed: expected {_allowed(options)}"
-            )
-        return value
-
-    return validate
-
-
-def _validate_bool(label: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{label}={value!r} is not allowed: expected True or False")
-    return value
+    return check_real(label, value, low=0.0, low_open=True)
 
 
 def _validate_patterns(label: str, value: Any) -> tuple[str, ...]:
@@ -110,7 +59,7 @@ def _validate_seed(label: str, value: Any) -> int | None:
     expected = f"None or an int with 0 <= seed < 2**63 ({SEED_LIMIT})"
     if value is None:
         return None
-    if not _is_integer(value):
+    if not is_integer(value):
         raise TypeError(f"{label}={value!r} is not allowed: expected {expected}")
     if not 0 <= value < SEED_LIMIT:
         raise ValueError(f"{label}={value!r} is not allowed: expected {expected}")
@@ -119,13 +68,13 @@ def _validate_seed(label: str, value: Any) -> int | None:
 
 _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "std": _validate_std,
-    "distribution": _choice(DISTRIBUTIONS),
-    "mode": _choice(MODES),
-    "relative": _validate_bool,
-    "schedule": _choice(SCHEDULES),
+    "distribution": choice_checker(DISTRIBUTIONS),
+    "mode": choice_checker(MODES),
+    "relative": check_bool,
+    "schedule": choice_checker(SCHEDULES),
     "decay": _validate_decay,
     "gamma": _validate_gamma,
-    "schedule_unit": _choice(SCHEDULE_UNITS),
+    "schedule_unit": choice_checker(SCHEDULE_UNITS),
     "include": _validate_patterns,
     "exclude": _validate_patterns,
     "seed": _validate_seed,
@@ -218,7 +167,7 @@ class NoiseSpec:
             ``sigma_t`` (before any ``relative`` scaling).
 
         """
-        if not _is_integer(t) or t < 0:
+        if not is_integer(t) or t < 0:
             raise ValueError(f"t={t!r} is not allowed: expected an int >= 0")
         if self.schedule == "exponential":
             return self.std * self.decay ** int(t)
@@ -290,7 +239,7 @@ class NoiseSpec:
                     f"needs the keys {[prefix + field for field in _VALIDATORS]}"
                 )
             value = record[key]
-            if name == "seed" and _is_integer(value) and value == CONFIG_NO_SEED:
+            if name == "seed" and is_integer(value) and value == CONFIG_NO_SEED:
                 value = None
             elif name == "seed" and value is None:
                 raise TypeError(

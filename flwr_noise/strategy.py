@@ -45,6 +45,11 @@ from flwr_noise.spec import ConfigValue, NoiseSpec
 
 LOCAL_PREFIX = "noise.local."
 UPDATE_PREFIX = "noise.update."
+# Noise added once to the model a client receives (weight_noise_mod).
+RECEIVED_PREFIX = "noise.received."
+# The schedule time of this round's first local step (schedule_unit="step"),
+# so that a client continues a decaying schedule without arithmetic.
+LOCAL_START_STEP_KEY = "noise.local.start-step"
 # Flower's strategies put the round into the train config under this key.
 SERVER_ROUND_KEY = "server-round"
 # Used when a message carries no ConfigRecord to add the specs to.

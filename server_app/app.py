@@ -19,20 +19,20 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from flwr_noise.checkpoint import Checkpointer, find_resume_point
-from flwr_noise.config import AppConfig
-from flwr_noise.federation import (
+from flwr_noise_app.checkpoint import Checkpointer, find_resume_point
+from flwr_noise_app.config import AppConfig
+from flwr_noise_app.federation import (
     RoundOutcome,
     RoundRecorder,
     discover_partition_ids,
     partition_key_fn,
     run_rounds,
 )
-from flwr_noise.results import ResultsWriter
+from flwr_noise_app.results import ResultsWriter
 from flwr_noise.strategy import NoisyStrategy
-from flwr_noise.tasks.data import load_dataset
-from flwr_noise.tasks.models import build_model
-from flwr_noise.tasks.training import evaluate, get_device
+from flwr_noise_app.tasks.data import load_dataset
+from flwr_noise_app.tasks.models import build_model
+from flwr_noise_app.tasks.training import evaluate, get_device
 
 app = ServerApp()
 

@@ -117,7 +117,7 @@ def run_app(
     if plot:
         server_app(grid, server_context)
     else:
-        with mock.patch("flwr_noise.results._plot_rounds", _stub_plot):
+        with mock.patch("flwr_noise_app.results._plot_rounds", _stub_plot):
             server_app(grid, server_context)
     return grid
 

@@ -23,17 +23,17 @@ from flwr.app import Context, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg
 
 from flwr_noise import NoiseSpec, NoisyStrategy, WeightNoise
-from flwr_noise.checkpoint import (
+from flwr_noise_app.checkpoint import (
     Checkpoint,
     find_resume_point,
     restore_strategy_state,
     save_checkpoint,
 )
-from flwr_noise.config import AppConfig
-from flwr_noise.results import ResultsWriter
-from flwr_noise.tasks.data import load_dataset, partition_indices
-from flwr_noise.tasks.models import build_model
-from flwr_noise.tasks.training import make_optimizer, train_steps
+from flwr_noise_app.config import AppConfig
+from flwr_noise_app.results import ResultsWriter
+from flwr_noise_app.tasks.data import load_dataset, partition_indices
+from flwr_noise_app.tasks.models import build_model
+from flwr_noise_app.tasks.training import make_optimizer, train_steps
 from server_app.app import app as server_app
 
 ROUND = {

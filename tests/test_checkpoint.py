@@ -16,7 +16,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 from inprocess_app import run_app, server_round
 
 from flwr_noise import NoiseSpec, NoisyStrategy
-from flwr_noise.checkpoint import (
+from flwr_noise_app.checkpoint import (
     CHECKPOINT_FILE,
     Checkpoint,
     Checkpointer,
@@ -27,8 +27,8 @@ from flwr_noise.checkpoint import (
     restore_strategy_state,
     save_checkpoint,
 )
-from flwr_noise.federation import RoundOutcome, run_rounds
-from flwr_noise.results import ResultsWriter, load_results
+from flwr_noise_app.federation import RoundOutcome, run_rounds
+from flwr_noise_app.results import ResultsWriter, load_results
 
 # -- The file -----------------------------------------------------------------
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from flwr_noise.config import DEFAULT_RUN_CONFIG, RUN_CONFIG_KEYS, AppConfig
+from flwr_noise_app.config import DEFAULT_RUN_CONFIG, RUN_CONFIG_KEYS, AppConfig
 from flwr_noise.spec import NoiseSpec
 
 PYPROJECT = Path(__file__).parents[1] / "pyproject.toml"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from flwr_noise.tasks.data import (
+from flwr_noise_app.tasks.data import (
     DATASETS,
     MNIST_MEAN,
     MNIST_STD,

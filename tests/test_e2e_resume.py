@@ -28,7 +28,7 @@ from flower_processes import (
 )
 from test_e2e_simulation import FEDERATION_CONFIG, run_simulation
 
-from flwr_noise.checkpoint import load_checkpoint
+from flwr_noise_app.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

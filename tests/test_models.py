@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from flwr_noise.tasks.models import MODELS, build_model, count_parameters
+from flwr_noise_app.tasks.models import MODELS, build_model, count_parameters
 
 DIGITS_SHAPE = (1, 8, 8)
 MNIST_SHAPE = (1, 28, 28)

@@ -18,15 +18,15 @@ from flwr.serverapp.strategy import FedAvg
 from inprocess_app import DEFAULT_NODE_IDS, partition_of, run_app, server_round
 
 from flwr_noise import NoiseSpec, NoisyStrategy
-from flwr_noise.checkpoint import load_checkpoint
-from flwr_noise.federation import (
+from flwr_noise_app.checkpoint import load_checkpoint
+from flwr_noise_app.federation import (
     ROUND_FAILED,
     ROUND_OK,
     RoundOutcome,
     partition_key_fn,
     run_rounds,
 )
-from flwr_noise.results import load_results
+from flwr_noise_app.results import load_results
 
 
 def tiny_config(tmp_path: Path, **overrides: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from flwr_noise.reproduce import (
+from flwr_noise_app.reproduce import (
     NO_NOISE,
     PLACEMENTS,
     ExperimentConfig,
@@ -23,7 +23,7 @@ from flwr_noise.reproduce import (
     weighted_average,
     write_report,
 )
-from flwr_noise.reproduce.cli import main
+from flwr_noise_app.reproduce.cli import main
 
 
 @pytest.fixture(autouse=True)
@@ -251,7 +251,7 @@ def test_cli_writes_summary_and_plots(
     )
     assert status == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["command"][:3] == ["python", "-m", "flwr_noise.reproduce"]
+    assert summary["command"][:3] == ["python", "-m", "flwr_noise_app.reproduce"]
     noise = [
         (entry["config"]["noise_std"], entry["config"]["relative"])
         for entry in summary["entries"]
@@ -296,9 +296,9 @@ def test_runner_gives_the_apps_numbers(placement: str) -> None:
     from flwr.serverapp.strategy import FedAvg
 
     from client_app.app import train
-    from flwr_noise.config import AppConfig
+    from flwr_noise_app.config import AppConfig
     from flwr_noise.strategy import NoisyStrategy
-    from flwr_noise.tasks.models import build_model
+    from flwr_noise_app.tasks.models import build_model
 
     seed = 5
     config = replace(TINY, learners=2, rounds=2, noise_std=0.01, placement=placement)

@@ -7,8 +7,8 @@ from datetime import datetime
 import numpy as np
 import pytest
 
-from flwr_noise import results
-from flwr_noise.results import (
+from flwr_noise_app import results
+from flwr_noise_app.results import (
     REQUIRED_ROUND_KEYS,
     ResultsWriter,
     load_results,

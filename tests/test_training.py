@@ -4,9 +4,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from flwr_noise.tasks.data import client_data, load_dataset
-from flwr_noise.tasks.models import build_model
-from flwr_noise.tasks.training import (
+from flwr_noise_app.tasks.data import client_data, load_dataset
+from flwr_noise_app.tasks.models import build_model
+from flwr_noise_app.tasks.training import (
     evaluate,
     get_device,
     make_optimizer,

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from flwr_noise.reproduce.runner import ExperimentConfig
+from flwr_noise_app.reproduce.runner import ExperimentConfig
 
 # Settings that may vary between rows, with their table headers. The noise
 # fields are shown together in one "noise" column.

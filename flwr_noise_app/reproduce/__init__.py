@@ -1,12 +1,12 @@
 """In-process reproduction of Adilova, Paul, Schlicht (2018), without Flower.
 
-``python -m flwr_noise.reproduce --help`` runs sweeps from the command line;
+``python -m flwr_noise_app.reproduce --help`` runs sweeps from the command line;
 ``run_experiment`` and ``run_serial_baseline`` run one configuration and seed;
 ``run_sweep`` runs a ``SweepGrid``; ``write_report`` writes its summary.
 """
 
-from flwr_noise.reproduce.report import markdown_summary, write_report
-from flwr_noise.reproduce.runner import (
+from flwr_noise_app.reproduce.report import markdown_summary, write_report
+from flwr_noise_app.reproduce.runner import (
     NO_NOISE,
     PLACEMENTS,
     ExperimentConfig,
@@ -19,7 +19,7 @@ from flwr_noise.reproduce.runner import (
     run_serial_baseline,
     weighted_average,
 )
-from flwr_noise.reproduce.sweep import SweepGrid, SweepRunner, run_sweep
+from flwr_noise_app.reproduce.sweep import SweepGrid, SweepRunner, run_sweep
 
 __all__ = [
     "NO_NOISE",

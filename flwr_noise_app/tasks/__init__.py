@@ -1,6 +1,6 @@
 """Reference tasks: models, datasets with partitioning, and train/eval loops."""
 
-from flwr_noise.tasks.data import (
+from flwr_noise_app.tasks.data import (
     DATASETS,
     PARTITION_SCHEMES,
     DataNotFoundError,
@@ -9,8 +9,8 @@ from flwr_noise.tasks.data import (
     load_dataset,
     partition_indices,
 )
-from flwr_noise.tasks.models import MODELS, build_model, count_parameters
-from flwr_noise.tasks.training import (
+from flwr_noise_app.tasks.models import MODELS, build_model, count_parameters
+from flwr_noise_app.tasks.training import (
     evaluate,
     get_device,
     make_optimizer,

@@ -42,14 +42,14 @@ from flwr_noise.hook import WeightNoise
 from flwr_noise.sampling import perturb_arrays
 from flwr_noise.seeding import AGGREGATE_CLIENT, numpy_generator, torch_generator
 from flwr_noise.spec import DISTRIBUTIONS, SCHEDULES, NoiseSpec
-from flwr_noise.tasks.data import (
+from flwr_noise_app.tasks.data import (
     DATASETS,
     PARTITION_SCHEMES,
     client_data,
     load_dataset,
 )
-from flwr_noise.tasks.models import MODELS, build_model
-from flwr_noise.tasks.training import (
+from flwr_noise_app.tasks.models import MODELS, build_model
+from flwr_noise_app.tasks.training import (
     evaluate,
     get_device,
     make_optimizer,
@@ -141,7 +141,7 @@ class ExperimentConfig:
     Parameters
     ----------
     dataset : str (default: "digits")
-        ``"digits"`` or ``"mnist"`` (see ``flwr_noise.tasks.data``).
+        ``"digits"`` or ``"mnist"`` (see ``flwr_noise_app.tasks.data``).
     data_dir : str (default: "")
         MNIST IDX folder; ignored for ``"digits"``.
     model : str (default: "mlp")

@@ -1,4 +1,4 @@
-"""Command line of the paper reproduction: ``python -m flwr_noise.reproduce``.
+"""Command line of the paper reproduction: ``python -m flwr_noise_app.reproduce``.
 
 Every list option is one axis of a cartesian product (see ``SweepGrid``); the
 sweep runs each configuration once per seed and writes ``summary.json``,
@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 
-from flwr_noise.reproduce.report import write_report
-from flwr_noise.reproduce.runner import PLACEMENTS, check_float, check_int
-from flwr_noise.reproduce.sweep import SweepGrid, SweepRunner
+from flwr_noise_app.reproduce.report import write_report
+from flwr_noise_app.reproduce.runner import PLACEMENTS, check_float, check_int
+from flwr_noise_app.reproduce.sweep import SweepGrid, SweepRunner
 from flwr_noise.spec import DISTRIBUTIONS, SCHEDULES
-from flwr_noise.tasks.data import DATASETS, PARTITION_SCHEMES
-from flwr_noise.tasks.models import MODELS
+from flwr_noise_app.tasks.data import DATASETS, PARTITION_SCHEMES
+from flwr_noise_app.tasks.models import MODELS
 
-PROGRAM = "python -m flwr_noise.reproduce"
+PROGRAM = "python -m flwr_noise_app.reproduce"
 ALL_IMAGES = "all"
 BOOLEANS = {"true": True, "false": False}
 

@@ -23,10 +23,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from flwr_noise.results import validate_run_name
+from flwr_noise_app.results import validate_run_name
 from flwr_noise.spec import NoiseSpec
-from flwr_noise.tasks.data import DATASETS, PARTITION_SCHEMES
-from flwr_noise.tasks.models import MODELS
+from flwr_noise_app.tasks.data import DATASETS, PARTITION_SCHEMES
+from flwr_noise_app.tasks.models import MODELS
 
 RunConfigValue = bool | int | float | str
 
@@ -269,7 +269,7 @@ class AppConfig:
     resume : str
         ``resume``: ``""`` starts a new run; the name of a run folder in
         ``results-dir``, or the path of one, continues that run from its last
-        checkpoint (see ``flwr_noise.checkpoint``). That the folder and its
+        checkpoint (see ``flwr_noise_app.checkpoint``). That the folder and its
         checkpoint exist is checked by the ServerApp before anything runs.
 
     """

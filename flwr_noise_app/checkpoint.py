@@ -42,8 +42,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
-from flwr_noise.config import AppConfig, RunConfigValue
-from flwr_noise.results import ResultsWriter, atomic_write, validate_run_name
+from flwr_noise_app.config import AppConfig, RunConfigValue
+from flwr_noise_app.results import ResultsWriter, atomic_write, validate_run_name
 
 CHECKPOINT_FILE = "checkpoint.npz"
 CHECKPOINT_FORMAT = 1

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flwr_noise.reproduce.runner import (
+from flwr_noise_app.reproduce.runner import (
     ExperimentConfig,
     LearnerData,
     RunResult,
@@ -29,7 +29,7 @@ from flwr_noise.reproduce.runner import (
     run_experiment,
     run_serial_baseline,
 )
-from flwr_noise.tasks.training import get_device
+from flwr_noise_app.tasks.training import get_device
 
 SUMMARY_FORMAT = "flwr-noise-reproduce/1"
 
