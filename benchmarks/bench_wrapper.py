@@ -104,8 +104,8 @@ def strategy_round_seconds(
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.serverapp.strategy import FedAvg
 
-    from flwr_noise_app.config import AppConfig
     from flwr_noise.strategy import NoisyStrategy
+    from flwr_noise_app.config import AppConfig
     from flwr_noise_app.tasks.data import load_dataset
     from flwr_noise_app.tasks.models import build_model
 

@@ -15,13 +15,18 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from flwr_noise_app.config import AppConfig
-from flwr_noise_app.federation import LOCAL_ACCURACY_KEY, LOCAL_LOSS_KEY
 from flwr_noise.mod import PARTITION_ID_KEY, noise_metrics, weight_noise_from_message
 from flwr_noise.seeding import torch_generator
+from flwr_noise_app.config import AppConfig
+from flwr_noise_app.federation import LOCAL_ACCURACY_KEY, LOCAL_LOSS_KEY
 from flwr_noise_app.tasks.data import client_data, load_dataset
 from flwr_noise_app.tasks.models import build_model
-from flwr_noise_app.tasks.training import evaluate, get_device, make_optimizer, train_steps
+from flwr_noise_app.tasks.training import (
+    evaluate,
+    get_device,
+    make_optimizer,
+    train_steps,
+)
 
 app = ClientApp()
 

@@ -23,8 +23,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from flwr_noise_app.results import validate_run_name
 from flwr_noise.spec import NoiseSpec
+from flwr_noise_app.results import validate_run_name
 from flwr_noise_app.tasks.data import DATASETS, PARTITION_SCHEMES
 from flwr_noise_app.tasks.models import MODELS
 

@@ -19,6 +19,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from flwr_noise.strategy import NoisyStrategy
 from flwr_noise_app.checkpoint import Checkpointer, find_resume_point
 from flwr_noise_app.config import AppConfig
 from flwr_noise_app.federation import (
@@ -29,7 +30,6 @@ from flwr_noise_app.federation import (
     run_rounds,
 )
 from flwr_noise_app.results import ResultsWriter
-from flwr_noise.strategy import NoisyStrategy
 from flwr_noise_app.tasks.data import load_dataset
 from flwr_noise_app.tasks.models import build_model
 from flwr_noise_app.tasks.training import evaluate, get_device

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from flwr_noise_app.config import DEFAULT_RUN_CONFIG, RUN_CONFIG_KEYS, AppConfig
 from flwr_noise.spec import NoiseSpec
+from flwr_noise_app.config import DEFAULT_RUN_CONFIG, RUN_CONFIG_KEYS, AppConfig
 
 PYPROJECT = Path(__file__).parents[1] / "pyproject.toml"
 # The keys the product spec promises, by name.

@@ -296,8 +296,8 @@ def test_runner_gives_the_apps_numbers(placement: str) -> None:
     from flwr.serverapp.strategy import FedAvg
 
     from client_app.app import train
-    from flwr_noise_app.config import AppConfig
     from flwr_noise.strategy import NoisyStrategy
+    from flwr_noise_app.config import AppConfig
     from flwr_noise_app.tasks.models import build_model
 
     seed = 5

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
+from flwr_noise.spec import DISTRIBUTIONS, SCHEDULES
 from flwr_noise_app.reproduce.report import write_report
 from flwr_noise_app.reproduce.runner import PLACEMENTS, check_float, check_int
 from flwr_noise_app.reproduce.sweep import SweepGrid, SweepRunner
-from flwr_noise.spec import DISTRIBUTIONS, SCHEDULES
 from flwr_noise_app.tasks.data import DATASETS, PARTITION_SCHEMES
 from flwr_noise_app.tasks.models import MODELS
 
