@@ -137,12 +137,18 @@ def test_every_combination_leaves_the_model_clean(
     _assert_clean(model, start, sigma=0.05)
 
 
-def test_perturb_replaces_the_pending_draw_and_clean_removes_it() -> None:
+def _frozen_anticorrelated() -> tuple[
+    nn.Module, list[torch.Tensor], torch.optim.Optimizer, WeightNoise
+]:
+    """A layer, its start, an lr = 0 optimizer and anticorrelated noise."""
     model = _layer()
-    start = _clone(model)
-    noise = WeightNoise(
-        model, NoiseSpec(std=SIGMA, seed=2, correlation="anticorrelated")
-    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    spec = NoiseSpec(std=SIGMA, seed=2, correlation="anticorrelated")
+    return model, _clone(model), optimizer, WeightNoise(model, spec)
+
+
+def test_perturb_replaces_the_pending_draw_and_clean_removes_it() -> None:
+    model, start, _, noise = _frozen_anticorrelated()
     for _ in range(50):
         noise.perturb()
     assert _deviation(model, start).std().item() == pytest.approx(SIGMA, rel=0.05)
@@ -154,12 +160,7 @@ def test_perturb_replaces_the_pending_draw_and_clean_removes_it() -> None:
 
 
 def test_attaching_twice_still_carries_one_draw() -> None:
-    model = _layer()
-    start = _clone(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    noise = WeightNoise(
-        model, NoiseSpec(std=SIGMA, seed=2, correlation="anticorrelated")
-    )
+    model, start, optimizer, noise = _frozen_anticorrelated()
     handles = [noise.attach(optimizer), noise.attach(optimizer)]
     for _ in range(20):
         _quadratic_step(model, optimizer)
@@ -183,12 +184,7 @@ def test_clean_leaves_independent_noise_in_place() -> None:
 
 
 def test_handle_works_as_a_context_manager() -> None:
-    model = _layer()
-    start = _clone(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    noise = WeightNoise(
-        model, NoiseSpec(std=SIGMA, seed=2, correlation="anticorrelated")
-    )
+    model, start, optimizer, noise = _frozen_anticorrelated()
     with noise.attach(optimizer):
         _quadratic_step(model, optimizer)
         assert noise.pending
