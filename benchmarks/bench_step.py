@@ -6,6 +6,8 @@ on the same fixed batch (batch 64):
 - baseline: a plain SGD step (zero_grad, forward, backward, step);
 - weight-noise: the same step with ``WeightNoise`` attached (gaussian);
 - weight-noise-no-norm: the same with ``track_norm=False``;
+- weight-noise-anticorrelated: ``correlation="anticorrelated"`` (the pending
+  draw removed before every step, its exact change kept: two more passes);
 - naive: the plain step followed by ``p.add_(torch.randn_like(p) * sigma)``
   for every parameter (the obvious reference implementation).
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -84,11 +87,12 @@ def make_variants(
     def trainer(
         after_step: Callable[[nn.Module], None] | None = None,
         noise: dict[str, bool] | None = None,
+        noise_spec: NoiseSpec = spec,
     ) -> Callable[[torch.Tensor, torch.Tensor], None]:
         model = copy.deepcopy(base).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
         if noise is not None:
-            WeightNoise(model, spec, **noise).attach(optimizer)
+            WeightNoise(model, noise_spec, **noise).attach(optimizer)
 
         def step(inputs: torch.Tensor, labels: torch.Tensor) -> None:
             optimizer.zero_grad(set_to_none=True)
@@ -107,6 +111,10 @@ def make_variants(
     variants["baseline"] = trainer()
     variants["weight-noise"] = trainer(noise={"track_norm": True})
     variants["weight-noise-no-norm"] = trainer(noise={"track_norm": False})
+    variants["weight-noise-anticorrelated"] = trainer(
+        noise={"track_norm": True},
+        noise_spec=dataclasses.replace(spec, correlation="anticorrelated"),
+    )
     variants["naive"] = trainer(after_step=naive_noise)
     return variants
 
@@ -166,6 +174,18 @@ def bench_model(
 
     medians = {variant: statistics.median(times) for variant, times in blocks.items()}
     baseline = medians["baseline"]
+    # Each block against the baseline block of the same repetition: on a busy
+    # machine these paired ratios (median and quartiles) are steadier than a
+    # ratio of medians.
+    paired: dict[str, list[float]] = {}
+    for variant, times in blocks.items():
+        if variant in ("baseline", "noise-only"):
+            continue
+        ratios = [
+            time / base for time, base in zip(times, blocks["baseline"], strict=True)
+        ]
+        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        paired[variant] = [quartiles[0], statistics.median(ratios), quartiles[-1]]
     return {
         "model": name,
         "parameters": parameters,
@@ -173,6 +193,7 @@ def bench_model(
         "ratio_vs_baseline": {
             k: v / baseline for k, v in medians.items() if k != "noise-only"
         },
+        "paired_ratio_quartiles": paired,
         "noise_only_fraction_of_baseline": medians["noise-only"] / baseline,
         "block_ms_per_step": {k: [t * 1e3 for t in v] for k, v in blocks.items()},
     }
@@ -182,13 +203,18 @@ def print_table(result: dict[str, object]) -> None:
     medians: dict[str, float] = result["median_ms_per_step"]  # type: ignore[assignment]
     ratios: dict[str, float] = result["ratio_vs_baseline"]  # type: ignore[assignment]
     print(f"\n{result['model']} ({result['parameters']:,} parameters)")
-    print(f"  {'variant':<22} {'ms/step':>9} {'x baseline':>11}")
+    paired: dict[str, list[float]] = result["paired_ratio_quartiles"]  # type: ignore[assignment]
+    print(
+        f"  {'variant':<28} {'ms/step':>9} {'x baseline':>11} "
+        f"{'paired ratio: q1 / median / q3':>32}"
+    )
     for variant, milliseconds in medians.items():
         if variant in ratios:
             ratio = f"{ratios[variant]:.3f}"
         else:
             ratio = f"+{result['noise_only_fraction_of_baseline']:.3f}"
-        print(f"  {variant:<22} {milliseconds:>9.2f} {ratio:>11}")
+        spread = " / ".join(f"{value:.3f}" for value in paired.get(variant, []))
+        print(f"  {variant:<28} {milliseconds:>9.2f} {ratio:>11} {spread:>32}")
 
 
 def main() -> None:

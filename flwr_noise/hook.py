@@ -274,6 +274,8 @@ class WeightNoise:
             The last application's sigma, ``l2_norm = sqrt(sum of squared
             per-application norms)`` (nan without ``track_norm``), the number of
             elements perturbed per application, and the number of applications.
+            For anticorrelated noise an application's norm is that of the draw
+            it added (not counting the removal of the previous one).
 
         """
         if self._noise is None:

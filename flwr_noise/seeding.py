@@ -191,7 +191,13 @@ def torch_generator(
     if generator.device.type == "cpu":
         generator.set_state(_mt19937_state(sequence))
     elif generator.device.type == "cuda":
-        generator.set_state(_philox_state(sequence))
+        seed_bits, offset_bits = sequence.generate_state(2, dtype=np.uint64)
+        # Philox keeps all 64 seed bits; the offset (a multiple of 4, far from
+        # int64's end as it grows with every draw) adds 60 more where torch
+        # can set it.
+        generator.manual_seed(int(seed_bits))
+        if hasattr(generator, "set_offset"):
+            generator.set_offset((int(offset_bits) >> 4) << 2)
     else:
         generator.manual_seed(int(sequence.generate_state(1, dtype=np.uint64)[0]))
     return generator
@@ -222,11 +228,3 @@ def _mt19937_state(sequence: np.random.SeedSequence) -> torch.Tensor:
     body = np.concatenate([header, key]).astype("<u8").view(np.uint8)
     state[: body.size] = body
     return torch.from_numpy(state)
-
-
-def _philox_state(sequence: np.random.SeedSequence) -> torch.Tensor:
-    seed, offset = sequence.generate_state(2, dtype=np.uint64)
-    # CUDAGeneratorImpl state: uint64 seed, int64 offset. The offset must be
-    # a multiple of 4 and stay far from int64's end (it grows with every draw).
-    state = np.array([int(seed), (int(offset) >> 4) << 2], dtype="<u8")
-    return torch.from_numpy(state.view(np.uint8).copy())

@@ -179,3 +179,19 @@ def test_bad_stream_arguments(kwargs: dict[str, object], message: str) -> None:
         noise_seed_sequence(seed, **arguments)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="not allowed"):
         torch_generator(seed, **arguments)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_generators_carry_seed_and_offset_from_the_sequence() -> None:
+    def draws(**stream: object) -> torch.Tensor:
+        generator = torch_generator(0, device="cuda", **{**BASE, **stream})  # type: ignore[arg-type]
+        return torch.randn(1000, device="cuda", generator=generator).cpu()
+
+    assert torch.equal(draws(), draws())
+    assert not torch.equal(draws(), draws(client=4))
+    assert not torch.equal(draws(), draws(substream=1))
+    seeds = {
+        torch_generator(0, device="cuda", **{**BASE, "client": client}).initial_seed()
+        for client in range(1000)
+    }
+    assert len(seeds) == 1000
