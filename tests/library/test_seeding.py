@@ -122,7 +122,7 @@ def _first_draws(purpose: str, clients: int, rounds: int) -> np.ndarray:
     return rows
 
 
-@pytest.mark.slow  # about 10 s of CPU: 100,000 generators
+@pytest.mark.slow  # 100,000 generators: 49-105 s on the busy 2-core dev machine
 def test_no_two_of_100_000_client_round_pairs_share_a_torch_stream() -> None:
     # With 32-bit torch seeds, seed 0 gave (client 141, round 242) and
     # (client 177, round 37) the same local noise, inside this grid; by the
