@@ -40,7 +40,7 @@ from flwr_noise.legacy import (
 from flwr_noise.sampling import perturb_arrays
 from flwr_noise.seeding import numpy_generator
 from flwr_noise.spec import NoiseSpec
-from flwr_noise.strategy import LOCAL_PREFIX
+from flwr_noise.strategy import LOCAL_PREFIX, LOCAL_START_STEP_KEY
 
 CIDS = ("11", "12", "13", "14")
 SMALL_SHAPES = ((5, 3), (5,), (2, 5))
@@ -204,7 +204,10 @@ def test_local_spec_and_round_in_every_fit_config() -> None:
         seed=7,
     )
     strategy = NoisyLegacyStrategy(
-        fedavg(), local=spec, client_key_fn=lambda client: int(client.cid) - 10
+        fedavg(),
+        local=spec,
+        client_key_fn=lambda client: int(client.cid) - 10,
+        local_steps=5,
     )
     parameters = ndarrays_to_parameters(random_ndarrays())
     instructions = configure(strategy, 3, parameters)
@@ -218,6 +221,7 @@ def test_local_spec_and_round_in_every_fit_config() -> None:
         assert fit_ins.config["server-round"] == 3
         assert fit_ins.config[CLIENT_KEY_CONFIG_KEY] == int(cid) - 10
         assert fit_ins.config["lr"] == 0.1
+        assert fit_ins.config[LOCAL_START_STEP_KEY] == 10
         # Local noise alone leaves the model sent untouched.
         assert fit_ins.parameters.tensors == parameters.tensors
 
@@ -417,7 +421,12 @@ def test_broken_results_are_dropped_and_counted(
         assert metrics["replies-dropped"] == len(bad)
         assert metrics["loss"] == expected_metrics["loss"]
     else:
-        assert metrics == expected_metrics
+        assert metrics == {
+            **expected_metrics,
+            "replies-received": len(results),
+            "replies-failed": 0,
+            "replies-dropped": len(bad),
+        }
 
 
 def test_broken_results_are_dropped_without_configure_fit() -> None:
