@@ -542,15 +542,12 @@ class NoiseRounds:
 
         Entries in ``client_reported`` that the wrapped metrics already hold
         (measured by the clients) win over the server's nominal ones. With
-        every spec off and nothing dropped or failed: ``None`` (the wrapped
+        every spec off, no reply dropped or failed and the round ok: ``None`` (the wrapped
         strategy's metrics stand as they are).
         """
         info = self.round_noise.get(server_round, {})
-        if (
-            not self.active
-            and not info.get(REPLIES_DROPPED_KEY)
-            and (ROUND_FAILED_KEY not in info)
-        ):
+        eventful = info.get(REPLIES_DROPPED_KEY) or info.get(REPLIES_FAILED_KEY)
+        if not self.active and not eventful and ROUND_FAILED_KEY not in info:
             return None
         merged = dict(metrics or {})
         for key, value in info.items():

@@ -9,6 +9,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
+from fakes import FakeClientProxy
+from fakes import client_manager as make_client_manager
 from flwr.common import (
     Code,
     FitIns,
@@ -53,20 +55,8 @@ NOISE_KEYS = {
 REPLY_KEYS = {"replies-received", "replies-failed", "replies-dropped"}
 
 
-class FakeClientProxy(ClientProxy):
-    """A client the strategy can sample; it is never called."""
-
-    def _never_called(self, *args: object, **kwargs: object) -> None:
-        raise AssertionError("the strategy must not call clients itself")
-
-    get_properties = get_parameters = fit = evaluate = reconnect = _never_called
-
-
 def client_manager(cids: tuple[str, ...] = CIDS) -> SimpleClientManager:
-    manager = SimpleClientManager()
-    for cid in cids:
-        manager.register(FakeClientProxy(cid))
-    return manager
+    return make_client_manager(cids)
 
 
 def random_ndarrays(shapes=SMALL_SHAPES, seed: int = 0) -> NDArrays:
