@@ -596,3 +596,21 @@ def test_partial_sampling_picks_the_same_partitions_whatever_the_node_ids() -> N
             tuple(sorted(node_to_partition[m.metadata.dst_node_id] for m in messages))
         )
     assert len(picks) == 2
+
+
+def test_the_client_key_grid_is_complete_and_orders_nodes_by_client_key() -> None:
+    from flwr.serverapp import Grid
+
+    from flwr_noise.strategy import _ClientKeyOrderedGrid
+
+    grid = FakeGrid((30, 10, 20))
+    partition = {10: "c", 20: "a", 30: "b"}
+    ordered = _ClientKeyOrderedGrid(grid, partition.__getitem__)
+    assert isinstance(ordered, Grid)
+    assert list(ordered.get_node_ids()) == [20, 30, 10]
+    assert [node.node_id for node in ordered.get_nodes()] == [20, 30, 10]
+    # Everything else is the wrapped grid's, whatever Grid declares.
+    for name in Grid.__abstractmethods__ - {"get_node_ids"}:
+        assert getattr(ordered, name) == getattr(grid, name), name
+    assert ordered.node_ids is grid.node_ids
+    assert ordered.run is grid.run
