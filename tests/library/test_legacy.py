@@ -42,7 +42,7 @@ from flwr_noise.legacy import (
 from flwr_noise.sampling import perturb_arrays
 from flwr_noise.seeding import numpy_generator
 from flwr_noise.spec import NoiseSpec
-from flwr_noise.strategy import LOCAL_PREFIX, LOCAL_START_STEP_KEY
+from flwr_noise.strategy import LOCAL_PREFIX, LOCAL_START_STEP_KEY, RECEIVED_PREFIX
 
 CIDS = ("11", "12", "13", "14")
 SMALL_SHAPES = ((5, 3), (5,), (2, 5))
@@ -702,3 +702,24 @@ def test_noisy_client_works_through_to_client() -> None:
     res = client.fit(FitIns(ndarrays_to_parameters([]), local_config(spec)))
     assert res.status.code == Code.OK
     assert res.metrics["noise-local-applications"] == 2
+
+
+def test_received_spec_travels_and_the_round_kinds_count_rounds() -> None:
+    received = NoiseSpec(
+        std=0.2, schedule="exponential", decay=0.5, exclude=("arr_1",), seed=3
+    )
+    strategy = NoisyLegacyStrategy(fedavg(), received=received)
+    instructions = configure(strategy, 3, ndarrays_to_parameters(random_ndarrays()))
+    for _, sent in instructions.values():
+        fit_ins = recorddict_to_fitins(fitins_to_recorddict(sent, True), True)
+        assert spec_from_legacy_config(fit_ins.config, RECEIVED_PREFIX) == received
+        assert fit_ins.config["server-round"] == 3
+        assert not NoiseSpec.in_config(fit_ins.config, LOCAL_PREFIX)
+    # Applied once per round: t = server_round - 1 whatever schedule_unit says.
+    assert strategy.round_noise[3]["noise-received-sigma"] == pytest.approx(0.05)
+
+
+def test_a_decaying_step_schedule_without_local_steps_is_refused() -> None:
+    spec = NoiseSpec(std=0.1, schedule="polynomial")
+    with pytest.raises(ValueError, match="local_steps=None is not allowed"):
+        NoisyLegacyStrategy(fedavg(), local=spec)
