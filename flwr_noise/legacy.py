@@ -385,7 +385,7 @@ class NoisyLegacyStrategy(NoiseRoundsView, Strategy):
 
     def _view(self, client: ClientProxy, fit_res: FitRes) -> ReplyView:
         """Return what the core checks of one FitRes."""
-        metrics = fit_res.metrics if isinstance(fit_res.metrics, dict) else {}
+        metrics = fit_res.metrics if isinstance(fit_res.metrics, Mapping) else {}
         return ReplyView(
             node=client.cid,
             order=str(self.client_key(client)),
@@ -396,8 +396,8 @@ class NoisyLegacyStrategy(NoiseRoundsView, Strategy):
                 sorted((str(key), metric_kind(value)) for key, value in metrics.items())
             ),
             problem=None
-            if isinstance(fit_res.metrics, dict)
-            else "its metrics are not a dict",
+            if isinstance(fit_res.metrics, Mapping)
+            else "its metrics are not a mapping",
         )
 
     def aggregate_fit(

@@ -39,6 +39,10 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.compat.common.recorddict_compat import (
+    fitres_to_recorddict,
+    recorddict_to_fitres,
+)
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.serverapp.strategy import FedAvg
@@ -384,12 +388,14 @@ def ok_status() -> Status:
 def honest_fit_res(fit_ins: FitIns, cid: str) -> FitRes:
     arrays = parameters_to_ndarrays(fit_ins.parameters)
     shift = np.float32(0.01 * int(cid))
-    return FitRes(
+    res = FitRes(
         status=ok_status(),
         parameters=ndarrays_to_parameters([array + shift for array in arrays]),
         num_examples=10 + int(cid),
         metrics={"loss": float(cid)},
     )
+    # As the server gets it off the wire (its metrics become a ConfigRecord).
+    return recorddict_to_fitres(fitres_to_recorddict(res, True), True)
 
 
 def legacy_res(
