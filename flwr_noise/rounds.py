@@ -542,8 +542,8 @@ class NoiseRounds:
 
         Entries in ``client_reported`` that the wrapped metrics already hold
         (measured by the clients) win over the server's nominal ones. With
-        every spec off, no reply dropped or failed and the round ok: ``None`` (the wrapped
-        strategy's metrics stand as they are).
+        every spec off, no reply dropped or failed and the round ok: ``None``
+        (the wrapped strategy's metrics stand as they are).
         """
         info = self.round_noise.get(server_round, {})
         eventful = info.get(REPLIES_DROPPED_KEY) or info.get(REPLIES_FAILED_KEY)
