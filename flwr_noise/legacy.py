@@ -46,7 +46,7 @@ import json
 import numbers
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from logging import INFO, WARNING
+from logging import WARNING
 from typing import Any
 
 import numpy as np
@@ -72,21 +72,20 @@ from torch.utils.hooks import RemovableHandle
 
 from flwr_noise.hook import WeightNoise
 from flwr_noise.mod import noise_metrics, server_round_of
-from flwr_noise.sampling import NoiseReport, perturb_arrays
-from flwr_noise.seeding import AGGREGATE_CLIENT, numpy_generator
-from flwr_noise.spec import NoiseSpec
-from flwr_noise.strategy import (
+from flwr_noise.rounds import (
     LOCAL_PREFIX,
-    REPLIES_DROPPED_KEY,
     REPLIES_FAILED_KEY,
-    REPLIES_RECEIVED_KEY,
     SERVER_ROUND_KEY,
-    ArraySignature,
-    enabled_or_none,
-    first_non_finite,
+    NoiseRounds,
+    NoiseRoundsView,
+    ReplyView,
+    array_signature,
+    metric_kind,
     noise_metric_key,
-    signature_mismatch,
 )
+from flwr_noise.sampling import NoiseReport
+from flwr_noise.spec import NoiseSpec
+from flwr_noise.validation import is_real, not_allowed
 
 # A NumPyClient does not know its node id: the strategy sends each client the
 # key of its noise streams beside the local spec.
@@ -155,9 +154,10 @@ def spec_from_legacy_config(
 
 def _decode(parameters: Parameters, what: str) -> NDArrays:
     if parameters.tensor_type != NUMPY_TENSOR_TYPE:
-        raise ValueError(
-            f"{what}.tensor_type={parameters.tensor_type!r} is not allowed: "
-            f"expected {NUMPY_TENSOR_TYPE!r} (flwr.common.ndarrays_to_parameters)"
+        raise not_allowed(
+            f"{what}.tensor_type",
+            parameters.tensor_type,
+            f"{NUMPY_TENSOR_TYPE!r} (flwr.common.ndarrays_to_parameters)",
         )
     return parameters_to_ndarrays(parameters)
 
@@ -169,68 +169,74 @@ def _weighted_mean(values: Sequence[tuple[int, float]]) -> float:
     return sum(weight * value for weight, value in values) / total
 
 
-def _is_metric_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-class NoisyLegacyStrategy(Strategy):
+class NoisyLegacyStrategy(NoiseRoundsView, Strategy):
     """Legacy-API strategy wrapper that injects weight noise into training.
 
     Wraps any ``flwr.server.strategy.Strategy`` and delegates everything to it;
     the noise is added around the wrapped ``configure_fit`` and
     ``aggregate_fit``. ``initialize_parameters`` and evaluation are delegated
     untouched. A spec that is ``None`` or disabled (``std == 0``) is off.
+    Everything but the conversion to and from ``Parameters`` is shared with
+    :class:`flwr_noise.NoisyStrategy` (:class:`flwr_noise.rounds.NoiseRounds`),
+    whose docstring tells what each kind of noise does, what its schedule
+    time counts, which replies are dropped and which metrics are nominal.
 
     Every ``FitIns`` config gets ``server-round`` (legacy strategies do not
     send it); with ``local`` on also the spec (flat entries under
-    ``noise.local.``) and ``noise-client-key``, the client key of the
-    receiving client, for a :class:`NoisyNumPyClient` that has no partition
-    id. Every client gets its own ``FitIns``: the wrapped strategy's configs
-    and parameters are never modified.
+    ``noise.local.``), ``noise.local.start-step`` when ``local_steps`` is
+    given, and ``noise-client-key``, the client key of the receiving client,
+    for a :class:`NoisyNumPyClient` that has no partition id; with
+    ``received`` on, that spec under ``noise.received.``. Every client gets
+    its own ``FitIns``: the wrapped strategy's configs and parameters are
+    never modified.
 
-    Broadcast and aggregation noise are applied once per round, with schedule
-    time ``server_round - 1``, each on its own stream:
-    ``seeding.numpy_generator(spec.seed, client=client key,
-    server_round=server_round, purpose="broadcast")``; the aggregate uses the
-    client key ``seeding.AGGREGATE_CLIENT`` and purpose ``"aggregation"``.
+    Replies: a ``FitRes`` from a client that was not configured this round,
+    or sent twice, whose ``num_examples`` is not a finite number in (0,
+    2**53], whose parameters do not decode to the number, dtypes and shapes
+    of arrays sent, hold NaN or Inf, or whose metric keys or value types
+    differ from most others', is dropped (removed from ``results``) with a
+    WARNING naming the client, before the wrapped ``aggregate_fit`` runs.
+    ``failures`` are passed through as they are. If the wrapped aggregation
+    raises, or the model after aggregation noise is not finite, the round
+    returns no parameters (Flower keeps the previous model) with
+    ``round-failed = 1``.
 
-    Replies: a ``FitRes`` whose arrays hold NaN or Inf, or whose number,
-    shapes or dtypes of arrays differ from those sent in the round, is
-    dropped (removed from ``results``) with a WARNING naming the client,
-    before the wrapped ``aggregate_fit`` runs. ``failures`` are passed
-    through as they are.
-
-    Metrics: when any spec is on, the round's fit metrics get
-    ``noise-broadcast-sigma`` / ``noise-broadcast-l2`` (mean L2 norm over the
-    clients' copies), ``noise-aggregation-sigma`` / ``noise-aggregation-l2``
-    for the kinds that are on; ``noise-local-sigma`` / ``noise-local-l2``,
-    the ``num_examples``-weighted mean of what the kept clients reported
-    (kept when the wrapped strategy's metrics already have them); and
-    ``replies-received`` (FitRes received), ``replies-failed``
-    (``len(failures)``), ``replies-dropped``. The same values, per round, are
-    in :attr:`round_noise`. With every spec off the metrics are the wrapped
-    strategy's, unchanged.
+    Metrics: when any spec is on (or a result was dropped, or the round
+    failed), the round's fit metrics get ``noise-<kind>-sigma`` /
+    ``noise-<kind>-l2`` for the kinds that are on; ``noise-local-sigma`` /
+    ``noise-local-l2`` are the ``num_examples``-weighted mean of what the kept
+    clients reported (kept when the wrapped strategy's metrics already have
+    them), else the nominal sigma; and ``replies-received`` (FitRes
+    received), ``replies-failed`` (``len(failures)``), ``replies-dropped``.
+    The same values, per round, are in :attr:`round_noise`.
 
     Parameters
     ----------
     strategy : flwr.server.strategy.Strategy
         The strategy to wrap.
     local : NoiseSpec | None (default: None)
-        Noise the clients add during local training (see
+        Noise the clients add after every local optimizer step (see
         :class:`NoisyNumPyClient`).
     broadcast : NoiseSpec | None (default: None)
         Noise on each client's copy of the global model.
     aggregation : NoiseSpec | None (default: None)
         Noise on the aggregated model.
+    received : NoiseSpec | None (default: None)
+        Noise a client adds once to the model it receives.
     client_key_fn : Callable[[ClientProxy], int | str] | None (default: None)
         Maps a client to the client key of its broadcast stream (and of its
         local stream, if the client has no partition id); ``None`` uses
-        ``client_proxy.cid``.
+        ``client_proxy.cid``, which changes between runs: map it to something
+        stable (e.g. a partition id) for broadcast noise reproducible across
+        runs.
     array_names : Sequence[str] | None (default: None)
         Names of the arrays in ``Parameters``, in order, for the specs'
         ``include`` / ``exclude`` patterns; ``None`` names them ``arr_0``,
         ``arr_1``, ... . With a model's ``state_dict`` keys, normalization
         statistics are recognized by name and never perturbed.
+    local_steps : int | None (default: None)
+        Optimizer steps per client per round; needed for a ``local`` spec
+        with ``schedule_unit="step"`` and a decaying schedule.
 
     Examples
     --------
@@ -257,30 +263,40 @@ class NoisyLegacyStrategy(Strategy):
         local: NoiseSpec | None = None,
         broadcast: NoiseSpec | None = None,
         aggregation: NoiseSpec | None = None,
+        received: NoiseSpec | None = None,
         client_key_fn: ClientKeyFn | None = None,
         array_names: Sequence[str] | None = None,
+        local_steps: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(strategy, Strategy):
-            raise TypeError(
-                f"strategy={strategy!r} is not allowed: expected an instance of "
-                "flwr.server.strategy.Strategy"
+            raise not_allowed(
+                "strategy",
+                strategy,
+                "an instance of flwr.server.strategy.Strategy",
+                TypeError,
             )
         if client_key_fn is not None and not callable(client_key_fn):
-            raise TypeError(
-                f"client_key_fn={client_key_fn!r} is not allowed: expected a "
-                "callable ClientProxy -> int | str, or None"
+            raise not_allowed(
+                "client_key_fn",
+                client_key_fn,
+                "a callable ClientProxy -> int | str, or None",
+                TypeError,
             )
         names = None if array_names is None else self._checked_names(array_names)
         self.strategy = strategy
-        self.local = enabled_or_none("local", local)
-        self.broadcast = enabled_or_none("broadcast", broadcast)
-        self.aggregation = enabled_or_none("aggregation", aggregation)
         self.client_key_fn = client_key_fn
         self.array_names: tuple[str, ...] | None = names
-        # Per round: what was injected and how many replies were used.
-        self.round_noise: dict[int, dict[str, float]] = {}
-        self._sent_signatures: dict[int, ArraySignature] = {}
+        self.core = NoiseRounds(
+            "NoisyLegacyStrategy",
+            sender="client",
+            local=local,
+            broadcast=broadcast,
+            aggregation=aggregation,
+            update=None,
+            received=received,
+            local_steps=local_steps,
+        )
 
     def __repr__(self) -> str:
         """Return a string representation of the strategy."""
@@ -292,26 +308,13 @@ class NoisyLegacyStrategy(Strategy):
         if isinstance(array_names, str | bytes) or not isinstance(
             array_names, Iterable
         ):
-            raise TypeError(
-                f"array_names={array_names!r} is not allowed: expected {expected}"
-            )
+            raise not_allowed("array_names", array_names, expected, TypeError)
         names = tuple(array_names)
         if not all(isinstance(name, str) for name in names):
-            raise TypeError(
-                f"array_names={array_names!r} is not allowed: expected {expected}"
-            )
+            raise not_allowed("array_names", array_names, expected, TypeError)
         if len(set(names)) != len(names):
-            raise ValueError(
-                f"array_names={array_names!r} is not allowed: expected {expected}"
-            )
+            raise not_allowed("array_names", array_names, expected)
         return names
-
-    @property
-    def active(self) -> bool:
-        """Whether any noise is on."""
-        return any(
-            spec is not None for spec in (self.local, self.broadcast, self.aggregation)
-        )
 
     def client_key(self, client: ClientProxy) -> int | str:
         """Return the client key of the noise streams of ``client``."""
@@ -331,23 +334,6 @@ class NoisyLegacyStrategy(Strategy):
             )
         return dict(zip(self.array_names, arrays, strict=True))
 
-    def _perturb(
-        self,
-        arrays: Mapping[str, np.ndarray],
-        spec: NoiseSpec,
-        sigma: float,
-        *,
-        client: int | str,
-        server_round: int,
-        purpose: str,
-    ) -> tuple[Parameters, NoiseReport]:
-        """Return perturbed ``Parameters`` of ``arrays`` and the noise report."""
-        rng = numpy_generator(
-            spec.seed, client=client, server_round=server_round, purpose=purpose
-        )
-        perturbed, report = perturb_arrays(arrays, spec, sigma, rng)
-        return ndarrays_to_parameters(list(perturbed.values())), report
-
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         """Initialize the global model parameters (delegated)."""
         return self.strategy.initialize_parameters(client_manager)
@@ -360,71 +346,59 @@ class NoisyLegacyStrategy(Strategy):
             server_round, parameters, client_manager
         )
         global_arrays = self._named(_decode(parameters, "parameters"))
-        self._sent_signatures[server_round] = {
-            name: (array.shape, str(array.dtype))
-            for name, array in global_arrays.items()
-        }
-        round_info: dict[str, float] = {}
-        self.round_noise[server_round] = round_info
-
-        entries: dict[str, Scalar] = {SERVER_ROUND_KEY: server_round}
-        if self.local is not None:
-            entries.update(spec_to_legacy_config(self.local))
-        broadcast_sigma = (
-            0.0 if self.broadcast is None else self.broadcast.sigma_at(server_round - 1)
+        self.core.start_round(
+            server_round,
+            array_signature(global_arrays),
+            {client.cid: str for client, _ in instructions},
         )
-        broadcast_norms: list[float] = []
-        # Strategies share one Parameters among the clients: decode each once.
-        decoded = {id(parameters): global_arrays}
+        entries: dict[str, Scalar] = {SERVER_ROUND_KEY: server_round}
+        for prefix, spec in self.core.client_specs().items():
+            entries.update(spec_to_legacy_config(spec, prefix))
+        entries.update(self.core.round_entries(server_round))  # type: ignore[arg-type]
+
+        fit_parameters = [fit_ins.parameters for _, fit_ins in instructions]
+        if self.broadcast is not None:
+            # Strategies share one Parameters among the clients: decode it once.
+            decoded = {id(parameters): global_arrays}
+            for params in fit_parameters:
+                if id(params) not in decoded:
+                    decoded[id(params)] = self._named(_decode(params, "FitIns"))
+            copies = self.core.perturb_broadcast(
+                server_round,
+                [
+                    (self.client_key(client), decoded[id(params)])
+                    for (client, _), params in zip(
+                        instructions, fit_parameters, strict=True
+                    )
+                ],
+            )
+            fit_parameters = [
+                ndarrays_to_parameters(list(copy.values())) for copy in copies
+            ]
         configured: list[tuple[ClientProxy, FitIns]] = []
-        for client, fit_ins in instructions:
-            key = self.client_key(client)
+        for (client, fit_ins), params in zip(instructions, fit_parameters, strict=True):
             config = {**fit_ins.config, **entries}
             if self.local is not None:
-                config[CLIENT_KEY_CONFIG_KEY] = key
-            fit_parameters = fit_ins.parameters
-            if self.broadcast is not None:
-                arrays = decoded.get(id(fit_parameters))
-                if arrays is None:
-                    arrays = self._named(_decode(fit_parameters, "FitIns.parameters"))
-                    decoded[id(fit_parameters)] = arrays
-                fit_parameters, report = self._perturb(
-                    arrays,
-                    self.broadcast,
-                    broadcast_sigma,
-                    client=key,
-                    server_round=server_round,
-                    purpose="broadcast",
-                )
-                broadcast_norms.append(report.l2_norm)
-            configured.append((client, FitIns(fit_parameters, config)))
-
-        if self.broadcast is not None:
-            round_info[noise_metric_key("broadcast", "sigma")] = broadcast_sigma
-            round_info[noise_metric_key("broadcast", "l2")] = (
-                float(np.mean(broadcast_norms)) if broadcast_norms else 0.0
-            )
+                config[CLIENT_KEY_CONFIG_KEY] = self.client_key(client)
+            configured.append((client, FitIns(params, config)))
         return configured
 
-    def _reply_problem(
-        self, fit_res: FitRes, expected: ArraySignature | None
-    ) -> str | None:
-        """Return why a FitRes must be dropped, or None."""
-        try:
-            arrays = self._named(_decode(fit_res.parameters, "FitRes.parameters"))
-        except ValueError as error:
-            return str(error)
-        if expected is not None:
-            got = {
-                name: (array.shape, str(array.dtype)) for name, array in arrays.items()
-            }
-            mismatch = signature_mismatch(expected, got)
-            if mismatch is not None:
-                return mismatch
-        non_finite = first_non_finite(arrays)
-        if non_finite is not None:
-            return f"array {non_finite!r} holds NaN or Inf"
-        return None
+    def _view(self, client: ClientProxy, fit_res: FitRes) -> ReplyView:
+        """Return what the core checks of one FitRes."""
+        metrics = fit_res.metrics if isinstance(fit_res.metrics, Mapping) else {}
+        return ReplyView(
+            node=client.cid,
+            order=str(self.client_key(client)),
+            decode=lambda: self._named(_decode(fit_res.parameters, "FitRes")),
+            weight=fit_res.num_examples,
+            weight_label="num_examples",
+            structure=tuple(
+                sorted((str(key), metric_kind(value)) for key, value in metrics.items())
+            ),
+            problem=None
+            if isinstance(fit_res.metrics, Mapping)
+            else "its metrics are not a mapping",
+        )
 
     def aggregate_fit(
         self,
@@ -433,64 +407,30 @@ class NoisyLegacyStrategy(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Aggregate the valid results, then add the aggregation noise."""
-        expected = self._sent_signatures.pop(server_round, None)
-        kept: list[tuple[ClientProxy, FitRes]] = []
-        for client, fit_res in results:
-            problem = self._reply_problem(fit_res, expected)
-            if problem is not None:
-                log(
-                    WARNING,
-                    "NoisyLegacyStrategy: dropping the fit result of client %s in "
-                    "round %s: %s",
-                    client.cid,
-                    server_round,
-                    problem,
-                )
-                continue
-            kept.append((client, fit_res))
+        views = [self._view(client, fit_res) for client, fit_res in results]
+        kept = [results[index] for index in self.core.screen(server_round, views)]
+        parameters, metrics, noisy = self.core.aggregate(
+            server_round,
+            lambda: self.strategy.aggregate_fit(server_round, kept, failures),
+            lambda params: self._named(_decode(params, "aggregated parameters")),
+        )
+        if parameters is not None and noisy is not None:
+            parameters = ndarrays_to_parameters(list(noisy.values()))
 
-        parameters, metrics = self.strategy.aggregate_fit(server_round, kept, failures)
-
-        round_info = self.round_noise.setdefault(server_round, {})
-        round_info[REPLIES_RECEIVED_KEY] = len(results)
+        round_info = self.core.round_noise[server_round]
         round_info[REPLIES_FAILED_KEY] = len(failures)
-        round_info[REPLIES_DROPPED_KEY] = len(results) - len(kept)
         for key in _CLIENT_REPORTED_KEYS:
             reported = [
                 (fit_res.num_examples, float(fit_res.metrics[key]))
                 for _, fit_res in kept
-                if _is_metric_number(fit_res.metrics.get(key))
+                if is_real(fit_res.metrics.get(key))
             ]
             if self.local is not None and reported:
                 round_info[key] = _weighted_mean(reported)
-        if parameters is not None and self.aggregation is not None:
-            sigma = self.aggregation.sigma_at(server_round - 1)
-            parameters, report = self._perturb(
-                self._named(_decode(parameters, "aggregated parameters")),
-                self.aggregation,
-                sigma,
-                client=AGGREGATE_CLIENT,
-                server_round=server_round,
-                purpose="aggregation",
-            )
-            log(
-                INFO,
-                "NoisyLegacyStrategy: aggregation noise (sigma %.4g, L2 norm %.4g) "
-                "added",
-                sigma,
-                report.l2_norm,
-            )
-            round_info[noise_metric_key("aggregation", "sigma")] = sigma
-            round_info[noise_metric_key("aggregation", "l2")] = report.l2_norm
-
-        if not self.active:
-            return parameters, metrics
-        metrics = dict(metrics)
-        for key, value in round_info.items():
-            if key in _CLIENT_REPORTED_KEYS and key in metrics:
-                continue
-            metrics[key] = value if isinstance(value, int) else float(value)
-        return parameters, metrics
+        merged = self.core.round_metrics(server_round, metrics, _CLIENT_REPORTED_KEYS)
+        if merged is not None:
+            return parameters, merged
+        return parameters, {} if metrics is None else metrics
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager

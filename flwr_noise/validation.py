@@ -90,9 +90,7 @@ def check_real(
     if not is_real(value):
         raise not_allowed(label, value, expected, TypeError)
     number = float(value)
-    if not math.isfinite(number) or not _within(
-        number, low, high, low_open, high_open
-    ):
+    if not math.isfinite(number) or not _within(number, low, high, low_open, high_open):
         raise not_allowed(label, value, expected)
     return number
 
@@ -130,9 +128,7 @@ def check_choice(label: str, value: Any, options: Sequence[str]) -> str:
 
     """
     if not isinstance(value, str):
-        raise not_allowed(
-            label, value, f"a str, {allowed_choices(options)}", TypeError
-        )
+        raise not_allowed(label, value, f"a str, {allowed_choices(options)}", TypeError)
     if value not in options:
         raise not_allowed(label, value, allowed_choices(options))
     return value

@@ -9,6 +9,7 @@ runtime.
 from __future__ import annotations
 
 import copy
+import io
 from collections.abc import Callable, Iterable, Mapping
 from uuid import uuid4
 
@@ -25,13 +26,16 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 DEFAULT_NODE_IDS = (1001, 1002, 1003, 1004)
 RUN_ID = 1
-ReplyFn = Callable[[Message], Message]
+# A ClientApp's answer: a reply, several (a misbehaving node), or none.
+ReplyFn = Callable[[Message], "Message | list[Message] | None"]
 
 
 def set_serverapp_identity() -> None:
@@ -52,10 +56,11 @@ class FakeGrid(Grid):
     ----------
     node_ids : Iterable[int]
         The connected nodes.
-    reply_fn : Callable[[Message], Message] | None
+    reply_fn : Callable[[Message], Message | list[Message] | None] | None
         Called with a deep copy of every pushed message (as a ClientApp would
-        receive it); returns its reply. Without it ``send_and_receive``
-        returns no replies. Pushed messages are kept in ``pushed``.
+        receive it); returns its reply, a list of replies (all are pulled) or
+        ``None`` (no reply). Without it ``send_and_receive`` returns no
+        replies. Pushed messages are kept in ``pushed``.
     """
 
     def __init__(
@@ -66,7 +71,7 @@ class FakeGrid(Grid):
         self.node_ids = list(node_ids)
         self.reply_fn = reply_fn
         self.pushed: list[Message] = []
-        self._replies: dict[str, Message] = {}
+        self._replies: dict[str, list[Message]] = {}
         self._run = Run.create_empty(run_id=RUN_ID)
         set_serverapp_identity()
 
@@ -100,15 +105,19 @@ class FakeGrid(Grid):
             if self.reply_fn is not None:
                 # A ClientApp gets its own copy off the wire, never the object
                 # the strategy built (FedAvg shares one RecordDict among all).
-                self._replies[message_id] = self.reply_fn(copy.deepcopy(message))
+                answer = self.reply_fn(copy.deepcopy(message))
+                if answer is not None:
+                    self._replies[message_id] = (
+                        answer if isinstance(answer, list) else [answer]
+                    )
             message_ids.append(message_id)
         return message_ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [
-            self._replies.pop(message_id)
+            reply
             for message_id in message_ids
-            if message_id in self._replies
+            for reply in self._replies.pop(message_id, [])
         ]
 
     def send_and_receive(
@@ -170,6 +179,35 @@ def train_reply(
     return Message(content, reply_to=instruction)
 
 
+def spoofed(
+    reply: Message, *, src_node_id: int | None = None, reply_to: str | None = None
+) -> Message:
+    """Return ``reply`` claiming another sender or another message it answers."""
+    if src_node_id is not None:
+        reply.metadata.__dict__["_src_node_id"] = src_node_id
+    if reply_to is not None:
+        reply.metadata.__dict__["_reply_to_message_id"] = reply_to
+    return reply
+
+
+def raw_array(
+    data: bytes,
+    *,
+    dtype: str = "float32",
+    shape: tuple[int, ...] = (1,),
+    stype: str = "numpy.ndarray",
+) -> Array:
+    """Return an Array whose declared dtype, shape and stype may lie about data."""
+    return Array(dtype=dtype, shape=shape, stype=stype, data=data)
+
+
+def npy_bytes(array: np.ndarray, allow_pickle: bool = False) -> bytes:
+    """Return ``array`` serialized as Flower's numpy Arrays carry it (.npy)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=allow_pickle)
+    return buffer.getvalue()
+
+
 def error_reply(instruction: Message, reason: str = "client failed") -> Message:
     """Return an error reply to ``instruction``."""
     return Message(Error(code=0, reason=reason), reply_to=instruction)
@@ -189,3 +227,20 @@ def make_context(
         state=RecordDict(),
         run_config={},
     )
+
+
+class FakeClientProxy(ClientProxy):
+    """A legacy client the strategy can sample; it is never called."""
+
+    def _never_called(self, *args: object, **kwargs: object) -> None:
+        raise AssertionError("the strategy must not call clients itself")
+
+    get_properties = get_parameters = fit = evaluate = reconnect = _never_called
+
+
+def client_manager(cids: Iterable[str]) -> SimpleClientManager:
+    """Return a legacy client manager with a FakeClientProxy per cid."""
+    manager = SimpleClientManager()
+    for cid in cids:
+        manager.register(FakeClientProxy(cid))
+    return manager

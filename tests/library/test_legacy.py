@@ -9,6 +9,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
+from fakes import FakeClientProxy
+from fakes import client_manager as make_client_manager
 from flwr.common import (
     Code,
     FitIns,
@@ -40,7 +42,7 @@ from flwr_noise.legacy import (
 from flwr_noise.sampling import perturb_arrays
 from flwr_noise.seeding import numpy_generator
 from flwr_noise.spec import NoiseSpec
-from flwr_noise.strategy import LOCAL_PREFIX
+from flwr_noise.strategy import LOCAL_PREFIX, LOCAL_START_STEP_KEY, RECEIVED_PREFIX
 
 CIDS = ("11", "12", "13", "14")
 SMALL_SHAPES = ((5, 3), (5,), (2, 5))
@@ -53,20 +55,8 @@ NOISE_KEYS = {
 REPLY_KEYS = {"replies-received", "replies-failed", "replies-dropped"}
 
 
-class FakeClientProxy(ClientProxy):
-    """A client the strategy can sample; it is never called."""
-
-    def _never_called(self, *args: object, **kwargs: object) -> None:
-        raise AssertionError("the strategy must not call clients itself")
-
-    get_properties = get_parameters = fit = evaluate = reconnect = _never_called
-
-
 def client_manager(cids: tuple[str, ...] = CIDS) -> SimpleClientManager:
-    manager = SimpleClientManager()
-    for cid in cids:
-        manager.register(FakeClientProxy(cid))
-    return manager
+    return make_client_manager(cids)
 
 
 def random_ndarrays(shapes=SMALL_SHAPES, seed: int = 0) -> NDArrays:
@@ -204,7 +194,10 @@ def test_local_spec_and_round_in_every_fit_config() -> None:
         seed=7,
     )
     strategy = NoisyLegacyStrategy(
-        fedavg(), local=spec, client_key_fn=lambda client: int(client.cid) - 10
+        fedavg(),
+        local=spec,
+        client_key_fn=lambda client: int(client.cid) - 10,
+        local_steps=5,
     )
     parameters = ndarrays_to_parameters(random_ndarrays())
     instructions = configure(strategy, 3, parameters)
@@ -218,6 +211,7 @@ def test_local_spec_and_round_in_every_fit_config() -> None:
         assert fit_ins.config["server-round"] == 3
         assert fit_ins.config[CLIENT_KEY_CONFIG_KEY] == int(cid) - 10
         assert fit_ins.config["lr"] == 0.1
+        assert fit_ins.config[LOCAL_START_STEP_KEY] == 10
         # Local noise alone leaves the model sent untouched.
         assert fit_ins.parameters.tensors == parameters.tensors
 
@@ -417,7 +411,12 @@ def test_broken_results_are_dropped_and_counted(
         assert metrics["replies-dropped"] == len(bad)
         assert metrics["loss"] == expected_metrics["loss"]
     else:
-        assert metrics == expected_metrics
+        assert metrics == {
+            **expected_metrics,
+            "replies-received": len(results),
+            "replies-failed": 0,
+            "replies-dropped": len(bad),
+        }
 
 
 def test_broken_results_are_dropped_without_configure_fit() -> None:
@@ -703,3 +702,24 @@ def test_noisy_client_works_through_to_client() -> None:
     res = client.fit(FitIns(ndarrays_to_parameters([]), local_config(spec)))
     assert res.status.code == Code.OK
     assert res.metrics["noise-local-applications"] == 2
+
+
+def test_received_spec_travels_and_the_round_kinds_count_rounds() -> None:
+    received = NoiseSpec(
+        std=0.2, schedule="exponential", decay=0.5, exclude=("arr_1",), seed=3
+    )
+    strategy = NoisyLegacyStrategy(fedavg(), received=received)
+    instructions = configure(strategy, 3, ndarrays_to_parameters(random_ndarrays()))
+    for _, sent in instructions.values():
+        fit_ins = recorddict_to_fitins(fitins_to_recorddict(sent, True), True)
+        assert spec_from_legacy_config(fit_ins.config, RECEIVED_PREFIX) == received
+        assert fit_ins.config["server-round"] == 3
+        assert not NoiseSpec.in_config(fit_ins.config, LOCAL_PREFIX)
+    # Applied once per round: t = server_round - 1 whatever schedule_unit says.
+    assert strategy.round_noise[3]["noise-received-sigma"] == pytest.approx(0.05)
+
+
+def test_a_decaying_step_schedule_without_local_steps_is_refused() -> None:
+    spec = NoiseSpec(std=0.1, schedule="polynomial")
+    with pytest.raises(ValueError, match="local_steps=None is not allowed"):
+        NoisyLegacyStrategy(fedavg(), local=spec)

@@ -31,7 +31,13 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, Strateg
 from flwr_noise.sampling import perturb_arrays
 from flwr_noise.seeding import AGGREGATE_CLIENT, numpy_generator
 from flwr_noise.spec import NoiseSpec
-from flwr_noise.strategy import LOCAL_PREFIX, UPDATE_PREFIX, NoisyStrategy
+from flwr_noise.strategy import (
+    LOCAL_PREFIX,
+    LOCAL_START_STEP_KEY,
+    RECEIVED_PREFIX,
+    UPDATE_PREFIX,
+    NoisyStrategy,
+)
 
 SMALL_SHAPES = {"fc1.weight": (5, 3), "fc1.bias": (5,), "fc2.weight": (2, 5)}
 LARGE_SHAPES = {"w": (300, 300)}
@@ -181,7 +187,8 @@ def test_local_and_update_specs_reach_every_message_and_round_trip() -> None:
     recording = RecordingFedAvg()
     strategy = NoisyStrategy(recording, local=local, update=update)
     arrays = array_record(random_arrays(SMALL_SHAPES))
-    messages = configure(strategy, 3, arrays, FakeGrid(NODE_IDS))
+    caller_config = ConfigRecord({"lr": 0.1})
+    messages = configure(strategy, 3, arrays, FakeGrid(NODE_IDS), caller_config)
 
     assert sorted(m.metadata.dst_node_id for m in messages) == sorted(NODE_IDS)
     configs = [message.content["config"] for message in messages]
@@ -190,15 +197,11 @@ def test_local_and_update_specs_reach_every_message_and_round_trip() -> None:
         assert NoiseSpec.from_config(config, UPDATE_PREFIX) == update
         assert config["server-round"] == 3
         assert config["lr"] == 0.1
-    # Each message has its own RecordDict; FedAvg's shared one is untouched.
-    assert len({id(message.content) for message in messages}) == len(messages)
-    assert not any(
-        content is m.content for content in recording.built_contents for m in messages
-    )
-    assert_unmodified(recording)
-    assert not any(
-        key.startswith("noise.") for key in recording.built_contents[0]["config"]
-    )
+    # Flower's wrapper pattern: the specs travel in the config passed into the
+    # wrapped configure_train, whose messages are returned as they are; the
+    # caller's config (Strategy.start reuses it every round) stays clean.
+    assert [m.content for m in messages] == recording.built_contents
+    assert dict(caller_config) == {"lr": 0.1}
     # Without broadcast noise every client gets the global model unchanged.
     for message in messages:
         assert_same_arrays(message.content["arrays"], arrays)
@@ -207,33 +210,41 @@ def test_local_and_update_specs_reach_every_message_and_round_trip() -> None:
     assert info["noise-update-sigma"] == pytest.approx(update.sigma_at(2))
 
 
-class NoRoundFedAvg(FedAvg):
-    """A strategy that does not put the round into the config."""
-
-    def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        del config["server-round"]
-        return messages
-
-
-def test_the_round_is_sent_with_the_spec_even_if_the_strategy_does_not() -> None:
-    strategy = NoisyStrategy(NoRoundFedAvg(), local=NoiseSpec(std=0.1))
-    arrays = array_record(random_arrays(SMALL_SHAPES))
-    for message in configure(strategy, 5, arrays, FakeGrid(NODE_IDS)):
-        assert message.content["config"]["server-round"] == 5
-
-
-def test_local_sigma_of_a_step_schedule_needs_local_steps() -> None:
+def test_a_decaying_step_schedule_needs_local_steps_and_sends_the_start_step() -> None:
     local = NoiseSpec(std=0.1, schedule="inverse-sqrt", schedule_unit="step")
+    with pytest.raises(ValueError, match="local_steps=None is not allowed"):
+        NoisyStrategy(FedAvg(), local=local)
     arrays = array_record(random_arrays(SMALL_SHAPES))
-    without = NoisyStrategy(FedAvg(), local=local)
-    configure(without, 2, arrays, FakeGrid(NODE_IDS))
-    assert "noise-local-sigma" not in without.round_noise[2]
     with_steps = NoisyStrategy(FedAvg(), local=local, local_steps=8)
-    configure(with_steps, 2, arrays, FakeGrid(NODE_IDS))
+    for message in configure(with_steps, 2, arrays, FakeGrid(NODE_IDS)):
+        assert message.content["config"][LOCAL_START_STEP_KEY] == 8
     assert with_steps.round_noise[2]["noise-local-sigma"] == pytest.approx(
         0.1 / math.sqrt(9)
     )
+    # A constant or per-round schedule needs no local_steps and sends no start.
+    for spec in (NoiseSpec(std=0.1), dataclasses.replace(local, schedule_unit="round")):
+        strategy = NoisyStrategy(FedAvg(), local=spec)
+        for message in configure(strategy, 2, arrays, FakeGrid(NODE_IDS)):
+            assert LOCAL_START_STEP_KEY not in message.content["config"]
+        assert strategy.round_noise[2]["noise-local-sigma"] == pytest.approx(
+            spec.sigma_at(1)
+        )
+
+
+@pytest.mark.parametrize("unit", ["step", "round"])
+def test_once_per_round_kinds_count_rounds_whatever_the_unit(unit: str) -> None:
+    spec = NoiseSpec(std=0.2, schedule="exponential", decay=0.5, schedule_unit=unit)
+    strategy = NoisyStrategy(
+        FedAvg(), broadcast=spec, aggregation=spec, received=spec, update=spec
+    )
+    arrays = array_record(random_arrays(SMALL_SHAPES))
+    messages = configure(strategy, 3, arrays, FakeGrid(NODE_IDS))
+    strategy.aggregate_train(3, replies_to(messages))
+    info = strategy.round_noise[3]
+    for kind in ("broadcast", "aggregation", "received", "update"):
+        assert info[f"noise-{kind}-sigma"] == pytest.approx(0.05), kind
+    for message in messages:
+        assert NoiseSpec.from_config(message.content["config"], RECEIVED_PREFIX) == spec
 
 
 def broadcast_diffs(messages: list[Message], sent: dict[str, np.ndarray]):  # type: ignore[no-untyped-def]
@@ -468,7 +479,12 @@ def test_error_replies_pass_and_broken_replies_are_dropped(
         assert metrics["replies-dropped"] == len(BAD_REPLIES)
         assert metrics["replies-received"] == len(messages)
     else:
-        assert dict(metrics) == dict(expected_metrics)
+        assert dict(metrics) == {
+            **dict(expected_metrics),
+            "replies-received": len(messages),
+            "replies-failed": 1,
+            "replies-dropped": len(BAD_REPLIES),
+        }
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     for node in bad_nodes:
         assert any(f"node {node}" in warning for warning in warnings)
@@ -485,7 +501,8 @@ def test_all_replies_bad_gives_no_arrays() -> None:
     ]
     aggregated, metrics = strategy.aggregate_train(1, replies)
     assert aggregated is None
-    assert metrics is None
+    assert metrics is not None
+    assert metrics["replies-dropped"] == len(NODE_IDS) - 1
     assert strategy.round_noise[1]["replies-dropped"] == len(NODE_IDS) - 1
 
 
@@ -579,3 +596,21 @@ def test_partial_sampling_picks_the_same_partitions_whatever_the_node_ids() -> N
             tuple(sorted(node_to_partition[m.metadata.dst_node_id] for m in messages))
         )
     assert len(picks) == 2
+
+
+def test_the_client_key_grid_is_complete_and_orders_nodes_by_client_key() -> None:
+    from flwr.serverapp import Grid
+
+    from flwr_noise.strategy import _ClientKeyOrderedGrid
+
+    grid = FakeGrid((30, 10, 20))
+    partition = {10: "c", 20: "a", 30: "b"}
+    ordered = _ClientKeyOrderedGrid(grid, partition.__getitem__)
+    assert isinstance(ordered, Grid)
+    assert list(ordered.get_node_ids()) == [20, 30, 10]
+    assert [node.node_id for node in ordered.get_nodes()] == [20, 30, 10]
+    # Everything else is the wrapped grid's, whatever Grid declares.
+    for name in Grid.__abstractmethods__ - {"get_node_ids"}:
+        assert getattr(ordered, name) == getattr(grid, name), name
+    assert ordered.node_ids is grid.node_ids
+    assert ordered.run is grid.run
