@@ -488,8 +488,8 @@ def server_context(run_config: dict[str, Any]) -> Context:
 @pytest.mark.parametrize(
     ("run_config", "fragment"),
     [
-        ({"model": "resnet"}, "run config key 'model' = 'resnet'"),
-        ({"round-timeout": -1}, "run config key 'round-timeout' = -1"),
+        ({"model": "resnet"}, "run config 'model'='resnet'"),
+        ({"round-timeout": -1}, "run config 'round-timeout'=-1"),
         ({"resume": "no-such-run"}, "run config key 'resume' = 'no-such-run'"),
         ({"dataset": "mnist", "data-dir": "/nonexistent/mnist"}, "data-dir"),
     ],
