@@ -159,10 +159,10 @@ def test_crash_in_the_middle_of_a_write_leaves_the_previous_file(tmp_path, monke
     writer.add_round(_round(1))
     previous_csv = writer.csv_path.read_bytes()
 
-    def crash(self, row):
+    def crash(descriptor):
         raise RuntimeError("killed mid-write")
 
-    monkeypatch.setattr(csv.DictWriter, "writerow", crash)
+    monkeypatch.setattr(results.os, "fsync", crash)
     with pytest.raises(RuntimeError, match="mid-write"):
         writer.add_round(_round(2))
     assert writer.csv_path.read_bytes() == previous_csv
