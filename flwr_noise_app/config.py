@@ -479,3 +479,37 @@ RUN_CONFIG_KEYS: tuple[str, ...] = tuple(
     _run_config_key(config_field.name) for config_field in fields(AppConfig)
 )
 DEFAULT_RUN_CONFIG: dict[str, RunConfigValue] = AppConfig().to_dict()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Check ``--run-config`` overrides before ``flwr run``; name a bad key.
+
+    Flower 1.39's SuperLink refuses a key that ``[tool.flwr.app.config]``
+    lacks before the ServerApp runs, and ``flwr run`` prints only "Invalid run
+    configuration."; this names the key (and the closest known one)::
+
+        python -m flwr_noise_app.config "local-noize-std=0.1 model='cnn'"
+
+    Returns
+    -------
+    int
+        ``0`` when every key and value is allowed, else ``2``.
+
+    """
+    import sys
+
+    from flwr.common.config import parse_config_args
+
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        config = AppConfig.from_run_config(parse_config_args(args))
+    except (TypeError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for key, value in config.to_dict().items():
+        print(f"{key} = {value!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

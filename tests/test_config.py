@@ -295,3 +295,14 @@ def test_noise_correlation_goes_into_the_local_spec_only():
     )
     assert config.local_spec().correlation == "anticorrelated"
     assert config.broadcast_spec().correlation == "independent"
+
+
+def test_the_checker_names_a_misspelled_key_before_flwr_run(capsys):
+    from flwr_noise_app.config import main
+
+    assert main(["local-noize-std=0.1 model='cnn'"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: run config key='local-noize-std' is not allowed")
+    assert "did you mean 'local-noise-std'?" in error
+    assert main(["local-noise-std=0.1 model='cnn'"]) == 0
+    assert "model = 'cnn'" in capsys.readouterr().out
