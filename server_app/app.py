@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 from logging import INFO
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -87,7 +88,12 @@ def main(grid: Grid, context: Context) -> None:
             )
         )
         folder.update_info(
-            data_source=data.source, nodes=len(partition_of_node), path=str(folder.path)
+            data_source=data.source,
+            data_dir=str(Path(config.data_dir).expanduser().absolute())
+            if config.data_dir
+            else "",
+            nodes=len(partition_of_node),
+            path=str(folder.path),
         )
         arrays = folder.start(initial_arrays)
 
