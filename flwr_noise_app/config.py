@@ -430,7 +430,7 @@ class AppConfig:
 
     def local_spec(self) -> NoiseSpec | None:
         """Noise added during local training, or ``None`` when it is off."""
-        extra = {}
+        extra: dict[str, Any] = {"schedule_unit": self.noise_schedule_unit}
         if self.noise_correlation != "independent":
             extra["correlation"] = self.noise_correlation
         return self._noise_spec(
@@ -438,7 +438,12 @@ class AppConfig:
         )
 
     def broadcast_spec(self) -> NoiseSpec | None:
-        """Noise added to each client's copy of the global model, or ``None``."""
+        """Noise added to each client's copy of the global model, or ``None``.
+
+        It is applied once per round, so its schedule counts rounds
+        (``schedule_unit="round"``), whatever ``noise-schedule-unit`` says;
+        the same holds for the aggregation noise.
+        """
         return self._noise_spec(
             "broadcast", self.broadcast_noise_std, self.broadcast_noise_decay
         )
@@ -458,6 +463,7 @@ class AppConfig:
     ) -> NoiseSpec | None:
         if std == 0:
             return None
+        extra = {"schedule_unit": "round", **(extra or {})}
         return _build_spec(
             f"run config ({kind} noise: '{kind}-noise-std' and 'noise-*')",
             std=std,
@@ -467,11 +473,10 @@ class AppConfig:
             schedule=self.noise_schedule,
             decay=self.noise_decay if decay is None else decay,
             gamma=self.noise_gamma,
-            schedule_unit=self.noise_schedule_unit,
             include=self.noise_include,
             exclude=self.noise_exclude,
             seed=self.seed,
-            **(extra or {}),
+            **extra,
         )
 
 

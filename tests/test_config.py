@@ -252,6 +252,12 @@ def test_specs_share_the_noise_settings_and_the_seed():
         "seed": 42,
     }
     assert config.local_spec() == NoiseSpec(std=0.02, decay=0.5, **shared)
+    # Broadcast and aggregation noise are applied once per round.
+    config = AppConfig.from_run_config({**CUSTOM, "noise-schedule-unit": "step"})
+    assert config.local_spec().schedule_unit == "step"
+    assert config.broadcast_spec() == NoiseSpec(std=0.005, decay=0.9, **shared)
+    assert config.aggregation_spec() == NoiseSpec(std=0.001, decay=0.95, **shared)
+    config = AppConfig.from_run_config(CUSTOM)
     assert config.broadcast_spec() == NoiseSpec(std=0.005, decay=0.9, **shared)
     assert config.aggregation_spec() == NoiseSpec(std=0.001, decay=0.95, **shared)
 
