@@ -587,14 +587,15 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     for candidate in folder.glob(f"{_TEMPORARY_PREFIX}*{_TEMPORARY_SUFFIX}"):
         parts = candidate.name.split(".")
         pid = parts[-3] if len(parts) >= 4 else ""
-        if not pid.isdigit() or _process_is_running(int(pid)):
+        if not pid.isdigit() or process_is_running(int(pid)):
             continue
         candidate.unlink(missing_ok=True)
         removed.append(candidate)
     return removed
 
 
-def _process_is_running(pid: int) -> bool:
+def process_is_running(pid: int) -> bool:
+    """Return whether a process with id ``pid`` runs on this machine."""
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, OverflowError):

@@ -19,7 +19,9 @@ in); ``RunFolder.path`` is absolute, and is what the App logs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+import socket
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +43,14 @@ from flwr_noise_app.checkpoint import (
     strategy_numbers,
 )
 from flwr_noise_app.config import AppConfig, key_label
-from flwr_noise_app.results import ResultsWriter, remove_stale_temporaries
+from flwr_noise_app.results import (
+    ResultsWriter,
+    process_is_running,
+    remove_stale_temporaries,
+)
 
+# Held by the ServerApp that writes the folder: "<pid>@<host>".
+LOCK_FILE = ".lock"
 # Run config keys whose value may change when a run is resumed; every other
 # key must keep the value the run was started with.
 RESUMABLE_CONFIG_CHANGES: tuple[str, ...] = (
@@ -72,6 +80,8 @@ class RunFolder:
         The strategy whose state is checkpointed.
     baseline : Mapping[str, Any] | None
         ``strategy_numbers`` of the strategy as built (before any restore).
+    lock : Path | None
+        The folder's ``LOCK_FILE``, held until the ``with`` block ends.
 
     """
 
@@ -82,7 +92,9 @@ class RunFolder:
         checkpoint: Checkpoint | None,
         strategy: Strategy | None,
         baseline: Mapping[str, Any] | None,
+        lock: Path | None = None,
     ) -> None:
+        self._lock = lock
         self._config = config
         self._results = results
         self._resumed_from = checkpoint
@@ -137,7 +149,13 @@ class RunFolder:
                     f"exists; to continue that run add resume={config.run_name!r}, "
                     "else choose another run-name)",
                 ) from None
-            return cls(config, results, None, strategy, baseline)
+            lock = _lock(
+                results.run_dir,
+                lambda reason: not_allowed(
+                    key_label("run-name"), config.run_name, reason
+                ),
+            )
+            return cls(config, results, None, strategy, baseline, lock)
 
         path = _resume_folder(config, results_dir)
         checkpoint = _checked_checkpoint(config, path, model)
@@ -148,6 +166,7 @@ class RunFolder:
                 raise _resume_error(
                     config, f"a checkpoint of this App's strategy ({error})"
                 ) from None
+        lock = _lock(path, lambda reason: _resume_error(config, reason))
         remove_stale_temporaries(path)
         try:
             results = ResultsWriter(
@@ -158,10 +177,11 @@ class RunFolder:
                 resume_after=checkpoint.server_round,
             )
         except (OSError, ValueError) as error:
+            lock.unlink(missing_ok=True)
             raise _resume_error(
                 config, f"a run folder with its results.json ({error})"
             ) from None
-        return cls(config, results, checkpoint, strategy, baseline)
+        return cls(config, results, checkpoint, strategy, baseline, lock)
 
     @property
     def path(self) -> Path:
@@ -226,7 +246,43 @@ class RunFolder:
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        self._results.__exit__(exc_type, exc, tb)
+        try:
+            self._results.__exit__(exc_type, exc, tb)
+        finally:
+            if self._lock is not None:
+                self._lock.unlink(missing_ok=True)
+
+
+def _lock(folder: Path, refuse: Callable[[str], Exception]) -> Path:
+    """Take the folder's lock, so one ServerApp at a time writes it.
+
+    A lock left by a process that is gone (on this machine) is taken over;
+    one held by a live process, or by another machine, refuses the run.
+    """
+    lock = folder / LOCK_FILE
+    owner = f"{os.getpid()}@{socket.gethostname()}"
+    for _ in range(3):
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = lock.read_text(encoding="utf-8", errors="replace").strip()
+            except FileNotFoundError:
+                continue  # released meanwhile
+            pid, _, host = holder.partition("@")
+            if host == socket.gethostname() and pid.isdigit():
+                if not process_is_running(int(pid)):
+                    lock.unlink(missing_ok=True)
+                    continue
+            raise refuse(
+                f"a run folder that no other ServerApp is writing ({str(lock)!r} "
+                f"is held by process {holder!r}; delete it if that process is "
+                "gone)"
+            ) from None
+        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
+            stream.write(owner)
+        return lock
+    raise refuse(f"a run folder whose lock {str(lock)!r} can be taken")
 
 
 def _resume_error(config: AppConfig, expected: str) -> ValueError:

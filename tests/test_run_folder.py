@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -314,3 +315,21 @@ def test_array_state_and_changed_numbers_are_saved_and_restored(
         assert repr(getattr(fresh.strategy, attribute)) == repr(
             getattr(inner, attribute)
         )
+
+
+def test_a_run_folder_in_use_is_refused_and_a_dead_writers_lock_is_taken_over(
+    results_dir: Path,
+) -> None:
+    folder = results_dir / "earlier"
+    assert not (folder / ".lock").exists()  # released when the run ended
+    (folder / ".lock").write_text(f"{os.getpid()}@{socket.gethostname()}")
+    message = refuse(results_dir, resume="earlier", **{"num-server-rounds": 3})
+    assert "no other ServerApp is writing" in message, message
+    assert str(os.getpid()) in message
+
+    (folder / ".lock").write_text(f"999999999@{socket.gethostname()}")
+    run_app(
+        {**RUN, "results-dir": str(results_dir), "resume": "earlier"},
+    )
+    assert not (folder / ".lock").exists()
+    assert load_results(folder)["status"] == "complete"
