@@ -39,13 +39,11 @@ from flwr_noise.validation import (
     is_real,
     not_allowed,
 )
-from flwr_noise_app.tasks.data import DATASETS, PARTITION_SCHEMES
+from flwr_noise_app.tasks.data import DATASETS, PARTITION_SCHEMES, check_seed
 from flwr_noise_app.tasks.models import MODELS
 
 RunConfigValue = bool | int | float | str
 
-# The largest seed every consumer takes (scikit-learn's split seed is 32-bit).
-MAX_SEED = 2**32 - 1
 # Longest run name: far below every file system's 255-byte limit for the
 # folder, with room for the files and temporary files written inside it.
 MAX_RUN_NAME_LENGTH = 100
@@ -84,17 +82,22 @@ def check_run_name(label: str, value: Any) -> str:
     return value
 
 
-def _integer(low: int, high: int | None = None) -> Callable[[str, Any], int]:
+def _integral(value: Any) -> Any:
+    """TOML convenience: ``20.0`` means ``20``."""
+    if is_real(value) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    return value
+
+
+def _integer(low: int) -> Callable[[str, Any], int]:
     def parse(label: str, value: Any) -> int:
-        # TOML convenience: 20.0 means 20.
-        if is_real(value) and math.isfinite(value) and float(value).is_integer():
-            value = int(value)
-        number = check_integer(label, value, low=low)
-        if high is not None and number > high:  # exact bound, not check's :g
-            raise not_allowed(label, value, f"an int in [{low}, {high}]")
-        return number
+        return check_integer(label, _integral(value), low=low)
 
     return parse
+
+
+def _seed(label: str, value: Any) -> int:
+    return check_seed(label, _integral(value))
 
 
 def _real(
@@ -322,7 +325,7 @@ class AppConfig:
     model: str = _key("mlp", _choice(MODELS))
     dataset: str = _key("digits", _choice(DATASETS))
     data_dir: str = _key("", _text())
-    seed: int = _key(0, _integer(0, MAX_SEED))
+    seed: int = _key(0, _seed)
     local_noise_std: float = _key(0.01, _spec_field("std"))
     broadcast_noise_std: float = _key(0.0, _spec_field("std"))
     aggregation_noise_std: float = _key(0.0, _spec_field("std"))

@@ -269,7 +269,7 @@ def cases(tmp: Path) -> dict[str, Case]:
             ValueError,
             "split_seed",
             "-1",
-            "an int from 0 to",
+            "an int >= 0",
         ),
         "load_dataset data_dir missing": Case(
             lambda: load_dataset("mnist", str(tmp / "no-such-folder")),
@@ -283,14 +283,14 @@ def cases(tmp: Path) -> dict[str, Case]:
             ValueError,
             "num_partitions",
             "0",
-            "an int from 1 to 20",
+            "an int in [1, 20]",
         ),
         "partition_indices partition_id": Case(
             lambda: partition_indices(LABELS, 4, 4),
             ValueError,
             "partition_id",
             "4",
-            "an int from 0 to 3",
+            "an int in [0, 3]",
         ),
         "partition_indices scheme": Case(
             lambda: partition_indices(LABELS, 2, 0, scheme="shards"),
