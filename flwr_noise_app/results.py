@@ -365,6 +365,9 @@ class ResultsWriter:
 
     def to_dict(self) -> dict[str, Any]:
         """Return the content of ``results.json``."""
+        return {**self._head(), "rounds": self.rounds}
+
+    def _head(self) -> dict[str, Any]:
         return {
             "run_name": self.run_name,
             "status": self._status,
@@ -373,7 +376,6 @@ class ResultsWriter:
             "error": self._error,
             "config": self._config,
             "info": self._info,
-            "rounds": self.rounds,
         }
 
     def _append(self, entry: dict[str, Any]) -> None:
@@ -405,11 +407,9 @@ class ResultsWriter:
             self._last_plot = now
 
     def _write_json(self) -> None:
-        head = self.to_dict()
-        del head["rounds"]
         # One round per line; everything else indented.
         rounds = ",\n    ".join(self._round_json)
-        text = json.dumps(head, indent=2, allow_nan=False)[: -len("\n}")]
+        text = json.dumps(self._head(), indent=2, allow_nan=False)[: -len("\n}")]
         text += ',\n  "rounds": [' + (f"\n    {rounds}\n  " if rounds else "")
         text += "]\n}\n"
         atomic_write(self.json_path, lambda handle: handle.write(text), binary=False)
