@@ -169,17 +169,21 @@ def _within(
     return high is None or (number < high if high_open else number <= high)
 
 
+def _number_text(number: float) -> str:
+    return str(number) if isinstance(number, int) else f"{number:g}"
+
+
 def _bounds_text(
     low: float | None, high: float | None, low_open: bool, high_open: bool
 ) -> str:
     if low is not None and high is not None:
         left = "(" if low_open else "["
         right = ")" if high_open else "]"
-        return f" in {left}{low:g}, {high:g}{right}"
+        return f" in {left}{_number_text(low)}, {_number_text(high)}{right}"
     if low is not None:
-        return f" {'>' if low_open else '>='} {low:g}"
+        return f" {'>' if low_open else '>='} {_number_text(low)}"
     if high is not None:
-        return f" {'<' if high_open else '<='} {high:g}"
+        return f" {'<' if high_open else '<='} {_number_text(high)}"
     return ""
 
 

@@ -9,14 +9,18 @@ never a truncated one). It holds everything the next round depends on:
 - the run config it was made with;
 - the state of Python's and NumPy's global random generators, which Flower's
   strategies use to sample clients;
-- the state that Flower's stateful strategies carry from round to round
-  (``STRATEGY_STATE_ATTRIBUTES``: FedAdam / FedYogi / FedAdagrad moments,
-  FedAvgM momentum and model, the adaptive clipping norm), found anywhere in a
-  chain of wrappers (``NoisyStrategy(FedAdam(...))``). FedAvg has none.
+- the state that strategies carry from round to round, found generically in
+  every strategy of a chain of wrappers (``NoisyStrategy(FedAdam(...))``):
+  every array-valued attribute (an ndarray, an ``ArrayRecord``, or a list or
+  dict of ndarrays: FedAdam / FedYogi / FedAdagrad moments, FedAvgM momentum
+  and model), and every number that changed since the strategy was built (the
+  adaptive clipping norm). No attribute names are hard-coded.
 
 The results so far are in ``results.json``, written before the checkpoint of
 the same round, so a resumed run drops at most the rounds recorded after the
 last checkpoint and redoes them (see ``ResultsWriter(resume_after=...)``).
+``flwr_noise_app.run_folder.RunFolder`` writes checkpoints and checks one
+before a run resumes from it.
 
 Noise streams depend only on (seed, partition, round, purpose) and the
 clients' mini-batches on (seed, partition, round), so a resumed run draws the
@@ -25,13 +29,15 @@ same noise and batches as the uninterrupted run would have. With
 (``fraction-train < 1``), in partition order, so with the restored random state
 its rounds are equal bit for bit whatever node ids Flower assigns.
 
-Limit: strategy state outside ``STRATEGY_STATE_ATTRIBUTES`` (a custom
-strategy's own attributes) is not saved.
+Limit: state that is neither array-valued nor a number (e.g. a custom
+strategy's list of strings) is not saved.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,30 +48,12 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
-from flwr_noise_app.config import AppConfig, RunConfigValue
-from flwr_noise_app.results import ResultsWriter, atomic_write, validate_run_name
+from flwr_noise.validation import not_allowed
+from flwr_noise_app.config import RunConfigValue
+from flwr_noise_app.results import atomic_write
 
 CHECKPOINT_FILE = "checkpoint.npz"
 CHECKPOINT_FORMAT = 1
-# Run config keys whose value may change when a run is resumed; every other
-# key must keep the value the run was started with.
-RESUMABLE_CONFIG_CHANGES: tuple[str, ...] = (
-    "num-server-rounds",
-    "round-timeout",
-    "min-nodes",
-    "resume",
-    "results-dir",
-    "run-name",
-)
-# Attributes in which Flower's strategies keep state from one round to the next.
-STRATEGY_STATE_ATTRIBUTES: tuple[str, ...] = (
-    "m_t",  # FedAdam, FedYogi, FedAdagrad (FedOpt)
-    "v_t",
-    "momentum_vector",  # FedAvgM
-    "current_arrays",  # FedAvgM keeps it across rounds (others reset it each round)
-    "clipping_norm",  # DifferentialPrivacy*AdaptiveClipping
-)
-
 _META_KEY = "meta"
 _ARRAY_PREFIX = "array-"
 
@@ -112,6 +100,21 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
         np.random.set_state(state["numpy"])
 
 
+def rng_state_problem(state: Any) -> str | None:
+    """Say why ``state`` is not a whole ``capture_rng_state()``, or ``None``.
+
+    The state is tried on scratch generators, not on the global ones.
+    """
+    try:
+        if not isinstance(state, Mapping) or set(state) != {"python", "numpy"}:
+            return "it lacks the keys 'python' and 'numpy'"
+        random.Random().setstate(state["python"])
+        np.random.RandomState().set_state(state["numpy"])
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
 def _strategy_chain(strategy: Strategy) -> list[Strategy]:
     """Return ``strategy`` and the strategies it wraps (``.strategy``), outer first."""
     chain = [strategy]
@@ -120,28 +123,65 @@ def _strategy_chain(strategy: Strategy) -> list[Strategy]:
     return chain
 
 
-def capture_strategy_state(strategy: Strategy) -> dict[str, Any]:
+def _is_array_valued(value: Any) -> bool:
+    if isinstance(value, np.ndarray | ArrayRecord):
+        return True
+    items = value.values() if isinstance(value, dict) else value
+    return (
+        isinstance(value, list | tuple | dict)
+        and len(value) > 0
+        and all(isinstance(item, np.ndarray) for item in items)
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def strategy_numbers(strategy: Strategy) -> dict[str, Any]:
+    """Return ``"<depth>.<attribute>"`` -> value for the numbers of a chain.
+
+    Taken right after the strategy is built, it is the ``baseline`` of
+    ``capture_strategy_state``.
+    """
+    return {
+        f"{depth}.{name}": value
+        for depth, member in enumerate(_strategy_chain(strategy))
+        for name, value in vars(member).items()
+        if _is_number(value)
+    }
+
+
+def capture_strategy_state(
+    strategy: Strategy, baseline: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Return the round-to-round state of ``strategy`` and the strategies it wraps.
 
     Parameters
     ----------
     strategy : Strategy
         The strategy, possibly a wrapper (e.g. ``NoisyStrategy(FedAdam(...))``).
+    baseline : Mapping[str, Any] | None (default: None)
+        ``strategy_numbers`` of the strategy as it was built: numbers that
+        differ from it are state. ``None`` saves no numbers.
 
     Returns
     -------
     dict[str, Any]
-        ``"<depth>.<attribute>"`` -> value, for every attribute of
-        ``STRATEGY_STATE_ATTRIBUTES`` that is set (not ``None``); empty for
-        FedAvg.
+        ``"<depth>.<attribute>"`` -> value, for every array-valued attribute
+        and every number that changed since ``baseline``; empty for FedAvg.
 
     """
     state: dict[str, Any] = {}
     for depth, member in enumerate(_strategy_chain(strategy)):
-        for attribute in STRATEGY_STATE_ATTRIBUTES:
-            value = getattr(member, attribute, None)
-            if value is not None:
-                state[f"{depth}.{attribute}"] = value
+        for name, value in vars(member).items():
+            key = f"{depth}.{name}"
+            if _is_array_valued(value) or (
+                baseline is not None
+                and _is_number(value)
+                and (key not in baseline or baseline[key] != value)
+            ):
+                state[key] = value
     return state
 
 
@@ -152,25 +192,57 @@ def restore_strategy_state(strategy: Strategy, state: Mapping[str, Any]) -> None
     ------
     ValueError
         If the state names a strategy or attribute that ``strategy`` lacks (it
-        was saved from a different strategy).
+        was saved from a different strategy), or holds a value that is not
+        finite.
 
     """
     chain = _strategy_chain(strategy)
+    names = "(".join(type(member).__name__ for member in chain)
+    names += ")" * (len(chain) - 1)
     for name, value in state.items():
         depth, _, attribute = name.partition(".")
         if (
             not depth.isdigit()
             or int(depth) >= len(chain)
-            or attribute not in STRATEGY_STATE_ATTRIBUTES
             or not hasattr(chain[int(depth)], attribute)
         ):
-            names = "(".join(type(member).__name__ for member in chain)
-            raise ValueError(
-                f"strategy state {name!r} is not allowed for {names}"
-                f"{')' * (len(chain) - 1)}: expected the state of the same strategy "
-                "(and wrappers) as the checkpoint's"
+            raise not_allowed(
+                "strategy state",
+                name,
+                f"the state of the same strategy (and wrappers) as the "
+                f"checkpoint's: {names} has no such attribute",
             )
+        if not _is_number(value) and not _is_array_valued(value):
+            raise not_allowed(
+                f"strategy state {name!r}", value, "an array-valued or numeric value"
+            )
+        if _first_non_finite(value) is not None:
+            raise not_allowed(
+                f"strategy state {name!r}", "...", "finite values (it holds NaN or Inf)"
+            )
+    for name, value in state.items():
+        depth, _, attribute = name.partition(".")
         setattr(chain[int(depth)], attribute, value)
+
+
+def _first_non_finite(value: Any) -> str | None:
+    """Return the name of the first non-finite part of a state value, or None."""
+    if isinstance(value, ArrayRecord):
+        for name, array in value.items():
+            decoded = array.numpy()
+            if decoded.dtype.kind in "fc" and not np.isfinite(decoded).all():
+                return name
+        return None
+    if isinstance(value, np.ndarray):
+        finite = value.dtype.kind not in "fc" or np.isfinite(value).all()
+        return None if finite else ""
+    if _is_number(value):
+        return None if math.isfinite(value) else ""
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, item in items:
+        if _first_non_finite(item) is not None:
+            return str(key)
+    return None
 
 
 def _encode(value: Any, arrays: list[np.ndarray]) -> Any:
@@ -325,185 +397,3 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             f"{CHECKPOINT_FILE} of format {CHECKPOINT_FORMAT} written by flwr-noise, "
             f"but it could not be read ({type(error).__name__}: {error})"
         ) from error
-
-
-class Checkpointer:
-    """Save a run's checkpoint after every round.
-
-    Parameters
-    ----------
-    run_dir : str | Path
-        The run folder (the results writer's ``run_dir``).
-    config : Mapping[str, RunConfigValue]
-        The run config, stored in every checkpoint.
-    strategy : Strategy | None (default: None)
-        The strategy whose round-to-round state is saved.
-
-    """
-
-    def __init__(
-        self,
-        run_dir: str | Path,
-        config: Mapping[str, RunConfigValue],
-        strategy: Strategy | None = None,
-    ) -> None:
-        self.run_dir = Path(run_dir)
-        self.config = dict(config)
-        self.strategy = strategy
-
-    @property
-    def path(self) -> Path:
-        """The checkpoint file."""
-        return self.run_dir / CHECKPOINT_FILE
-
-    def save(self, server_round: int, arrays: ArrayRecord) -> Path:
-        """Save the state after ``server_round`` with global model ``arrays``."""
-        return save_checkpoint(
-            self.run_dir,
-            Checkpoint(
-                server_round=server_round,
-                arrays=arrays,
-                config=self.config,
-                rng_state=capture_rng_state(),
-                strategy_state=(
-                    {}
-                    if self.strategy is None
-                    else capture_strategy_state(self.strategy)
-                ),
-            ),
-        )
-
-
-def _resume_error(config: AppConfig, reason: str) -> ValueError:
-    return ValueError(
-        f"run config key 'resume' = {config.resume!r} is not allowed: {reason}"
-    )
-
-
-def resolve_run_folder(config: AppConfig) -> Path:
-    """Return the run folder that ``config.resume`` names.
-
-    ``resume`` is tried as a run name in ``results-dir`` first, then as a path
-    (absolute, or relative to the working directory); the first folder that
-    holds ``checkpoint.npz`` is the one.
-
-    Raises
-    ------
-    ValueError
-        If no such folder holds a checkpoint, or its name is not a valid run
-        name (the results writer could not reopen it).
-
-    """
-    candidates = [Path(config.results_dir) / config.resume, Path(config.resume)]
-    for folder in candidates:
-        if (folder.expanduser() / CHECKPOINT_FILE).is_file():
-            run_dir = folder.expanduser().resolve()
-            try:
-                validate_run_name(run_dir.name)
-            except ValueError as error:
-                expected = str(error).partition("is not allowed: ")[2]
-                raise _resume_error(
-                    config,
-                    f"its folder's name {run_dir.name!r} is not a run name; {expected}",
-                ) from None
-            return run_dir
-    tried = " or ".join(repr(str(folder / CHECKPOINT_FILE)) for folder in candidates)
-    raise _resume_error(
-        config,
-        f"found no {tried}; expected '' (a new run), or the name (in results-dir) "
-        "or the path of the folder of an earlier run, which holds its checkpoint",
-    )
-
-
-def check_resumable(saved: Mapping[str, Any], config: AppConfig) -> None:
-    """Check that ``config`` may continue a run started with ``saved``.
-
-    Only the keys in ``RESUMABLE_CONFIG_CHANGES`` may differ.
-
-    Raises
-    ------
-    ValueError
-        Naming the first key that differs, its value and the saved one.
-
-    """
-    current = config.to_dict()
-    for key in sorted(set(saved) | set(current)):
-        if key in RESUMABLE_CONFIG_CHANGES or saved.get(key) == current.get(key):
-            continue
-        allowed = ", ".join(repr(name) for name in RESUMABLE_CONFIG_CHANGES)
-        raise ValueError(
-            f"run config key {key!r} = {current.get(key)!r} is not allowed when "
-            f"resuming: expected {saved.get(key)!r}, the value the run was started "
-            f"with (only {allowed} may change)"
-        )
-
-
-@dataclass(frozen=True, eq=False)
-class ResumePoint:
-    """Where and from what state a resumed run continues.
-
-    Attributes
-    ----------
-    run_dir : Path
-        The run folder, which the resumed run keeps writing to.
-    checkpoint : Checkpoint
-        Its last checkpoint.
-
-    """
-
-    run_dir: Path
-    checkpoint: Checkpoint
-
-    @property
-    def next_round(self) -> int:
-        """The first round the resumed run trains."""
-        return self.checkpoint.server_round + 1
-
-    def results_writer(self, config: AppConfig) -> ResultsWriter:
-        """Reopen the run's results to append the rounds after the checkpoint."""
-        return ResultsWriter(
-            self.run_dir.parent,
-            self.run_dir.name,
-            config.to_dict(),
-            resume_after=self.checkpoint.server_round,
-        )
-
-    def restore(self, strategy: Strategy) -> ArrayRecord:
-        """Restore the random and strategy state; return the global model."""
-        restore_strategy_state(strategy, self.checkpoint.strategy_state)
-        restore_rng_state(self.checkpoint.rng_state)
-        return self.checkpoint.arrays
-
-
-def find_resume_point(config: AppConfig) -> ResumePoint | None:
-    """Return where ``config`` resumes a run, ``None`` for a new run.
-
-    Everything is checked here, before anything runs or is written: the run
-    folder and its checkpoint exist and can be read, the config keeps the
-    values the run was started with, and ``num-server-rounds`` is not below
-    the rounds already done.
-
-    Raises
-    ------
-    ValueError
-        Naming the run config key, its value and what is allowed.
-
-    """
-    if not config.resume:
-        return None
-    run_dir = resolve_run_folder(config)
-    try:
-        checkpoint = load_checkpoint(run_dir)
-    except ValueError as error:
-        raise _resume_error(
-            config, str(error).partition("is not allowed: ")[2]
-        ) from None
-    check_resumable(checkpoint.config, config)
-    done = checkpoint.server_round
-    if config.num_server_rounds < done:
-        raise ValueError(
-            f"run config key 'num-server-rounds' = {config.num_server_rounds!r} is "
-            f"not allowed when resuming run {str(run_dir)!r}: expected an int >= "
-            f"{done}, the rounds it has done"
-        )
-    return ResumePoint(run_dir, checkpoint)

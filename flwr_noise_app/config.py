@@ -2,10 +2,17 @@
 
 Every key of ``[tool.flwr.app.config]`` (and of ``flwr run --run-config``) is
 checked before training starts; a bad value raises one ``ValueError`` or
-``TypeError`` that names the key, the value and what is allowed, e.g.::
+``TypeError`` (``flwr_noise.validation``'s format) that names the key, the
+value and what is allowed, e.g.::
 
-    run config key 'model' = 'resnet' is not allowed: expected one of
-    'linear', 'mlp', 'cnn'
+    run config 'model'='resnet' is not allowed: expected one of 'linear',
+    'mlp', 'cnn'
+
+Keys that become ``NoiseSpec`` fields are checked by ``NoiseSpec`` itself; its
+error is kept whole, after the key it came from::
+
+    run config 'local-noise-std': NoiseSpec.std=-1 is not allowed: expected a
+    finite number >= 0
 
 Types follow TOML: ints are ints (``true`` is not an int; a float with an
 integral value such as ``20.0`` is accepted as ``20``), numbers may be ints or
@@ -18,161 +25,187 @@ from __future__ import annotations
 
 import difflib
 import math
-import numbers
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from flwr_noise.spec import NoiseSpec
-from flwr_noise_app.results import validate_run_name
-from flwr_noise_app.tasks.data import DATASETS, PARTITION_SCHEMES
+from flwr_noise.validation import (
+    allowed_choices,
+    check_choice,
+    check_integer,
+    check_real,
+    is_real,
+    not_allowed,
+)
+from flwr_noise_app.tasks.data import DATASETS, PARTITION_SCHEMES, check_seed
 from flwr_noise_app.tasks.models import MODELS
 
 RunConfigValue = bool | int | float | str
 
-# The largest seed every consumer takes (scikit-learn's split seed is 32-bit).
-MAX_SEED = 2**32 - 1
+# Longest run name: far below every file system's 255-byte limit for the
+# folder, with room for the files and temporary files written inside it.
+MAX_RUN_NAME_LENGTH = 100
+CORRELATIONS = ("independent", "anticorrelated")
+_RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_RUN_NAME_EXPECTED = (
+    f"at most {MAX_RUN_NAME_LENGTH} letters, digits, '.', '_' and '-', "
+    "starting with a letter or digit"
+)
 
 
-def _reason(error: BaseException) -> str:
-    """Return the part of a validation message after "is not allowed: "."""
-    message = str(error)
-    _, found, reason = message.partition("is not allowed: ")
-    return reason if found else message
+def key_label(key: str) -> str:
+    """Return how validation messages name the run config key ``key``."""
+    return f"run config {key!r}"
 
 
-def _not_allowed(
-    key: str, value: Any, reason: str, error: type[Exception]
-) -> Exception:
-    return error(f"run config key {key!r} = {value!r} is not allowed: {reason}")
+def check_run_name(label: str, value: Any) -> str:
+    """Return ``value`` if it is a valid run folder name, else raise.
+
+    A valid name has at most ``MAX_RUN_NAME_LENGTH`` letters, digits, ``.``,
+    ``_`` and ``-``, and starts with a letter or digit (no path separators,
+    no hidden folders).
+
+    Raises
+    ------
+    TypeError
+        If the name is not a str.
+    ValueError
+        If it is not a valid name.
+
+    """
+    if not isinstance(value, str):
+        raise not_allowed(label, value, f"a str of {_RUN_NAME_EXPECTED}", TypeError)
+    if len(value) > MAX_RUN_NAME_LENGTH or not _RUN_NAME_PATTERN.fullmatch(value):
+        raise not_allowed(label, value, _RUN_NAME_EXPECTED)
+    return value
 
 
-def _integer(minimum: int, maximum: int | None = None) -> Callable[[str, Any], int]:
-    expected = (
-        f"an int >= {minimum}"
-        if maximum is None
-        else f"an int from {minimum} to {maximum}"
-    )
+def _integral(value: Any) -> Any:
+    """TOML convenience: ``20.0`` means ``20``."""
+    if is_real(value) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    return value
 
-    def parse(key: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise _not_allowed(key, value, f"expected {expected}", TypeError)
-        if isinstance(value, numbers.Integral):
-            number = int(value)
-        elif math.isfinite(value) and float(value).is_integer():
-            number = int(value)  # TOML convenience: 20.0 means 20
-        else:
-            raise _not_allowed(key, value, f"expected {expected}", ValueError)
-        if number < minimum or (maximum is not None and number > maximum):
-            raise _not_allowed(key, value, f"expected {expected}", ValueError)
-        return number
+
+def _integer(low: int) -> Callable[[str, Any], int]:
+    def parse(label: str, value: Any) -> int:
+        return check_integer(label, _integral(value), low=low)
 
     return parse
+
+
+def _seed(label: str, value: Any) -> int:
+    return check_seed(label, _integral(value))
 
 
 def _real(
     *, above: float | None = None, at_most: float | None = None
 ) -> Callable[[str, Any], float]:
-    bounds = []
-    if above is not None:
-        bounds.append(f"> {above:g}")
-    if at_most is not None:
-        bounds.append(f"<= {at_most:g}")
-    expected = "a finite number " + " and ".join(bounds)
-
-    def parse(key: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise _not_allowed(key, value, f"expected {expected}", TypeError)
-        number = float(value)
-        if (
-            not math.isfinite(number)
-            or (above is not None and number <= above)
-            or (at_most is not None and number > at_most)
-        ):
-            raise _not_allowed(key, value, f"expected {expected}", ValueError)
-        return number
+    def parse(label: str, value: Any) -> float:
+        return check_real(label, value, low=above, high=at_most, low_open=True)
 
     return parse
 
 
 def _choice(options: tuple[str, ...]) -> Callable[[str, Any], str]:
-    expected = "expected one of " + ", ".join(repr(option) for option in options)
-
-    def parse(key: str, value: Any) -> str:
-        if not isinstance(value, str):
-            raise _not_allowed(key, value, expected, TypeError)
-        if value not in options:
-            raise _not_allowed(key, value, expected, ValueError)
-        return value
+    def parse(label: str, value: Any) -> str:
+        return check_choice(label, value, options)
 
     return parse
 
 
 def _text(*, required: bool = False) -> Callable[[str, Any], str]:
-    expected = "expected a non-empty string" if required else "expected a string"
+    expected = "a non-empty str" if required else "a str"
 
-    def parse(key: str, value: Any) -> str:
+    def parse(label: str, value: Any) -> str:
         if not isinstance(value, str):
-            raise _not_allowed(key, value, expected, TypeError)
+            raise not_allowed(label, value, expected, TypeError)
         if required and not value.strip():
-            raise _not_allowed(key, value, expected, ValueError)
+            raise not_allowed(label, value, expected)
         return value
 
     return parse
 
 
-def _run_name(key: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise _not_allowed(key, value, "expected a string", TypeError)
-    if not value:
-        return value
-    try:
-        return validate_run_name(value)
-    except ValueError as error:
-        raise _not_allowed(key, value, _reason(error), ValueError) from None
+def _run_name(label: str, value: Any) -> str:
+    if value == "":
+        return value  # an automatic name
+    return check_run_name(label, value)
 
 
 _RESUME_EXPECTED = (
-    "expected '' (a new run), or the name (in results-dir) or the path of the "
+    "'' (a new run), or the name (in results-dir) or the path of the "
     "folder of an earlier run to continue from its last checkpoint"
 )
 
 
-def _resume(key: str, value: Any) -> str:
+def _resume(label: str, value: Any) -> str:
     if not isinstance(value, str):
-        raise _not_allowed(key, value, _RESUME_EXPECTED, TypeError)
+        raise not_allowed(label, value, _RESUME_EXPECTED, TypeError)
     if value and (not value.strip() or "\n" in value or "\0" in value):
-        raise _not_allowed(key, value, _RESUME_EXPECTED, ValueError)
+        raise not_allowed(label, value, _RESUME_EXPECTED)
     return value
 
 
 def _spec_field(name: str) -> Callable[[str, Any], Any]:
-    """Validate one ``NoiseSpec`` field by building a spec with it.
+    """Validate one ``NoiseSpec`` field by building a spec with only that field.
 
     ``NoiseSpec`` owns the rules (allowed distributions, ranges, valid
-    regular expressions); its message is re-worded to name the run config
-    key. ``noise-include`` / ``noise-exclude`` take a comma-separated string.
+    regular expressions). Its error is raised again, unchanged, after the
+    run config key it came from. ``noise-include`` / ``noise-exclude`` take
+    a comma-separated string.
     """
     patterns = name in ("include", "exclude")
-    expected_patterns = "expected a comma-separated list of regular expressions"
 
-    def parse(key: str, value: Any) -> Any:
+    def parse(label: str, value: Any) -> Any:
         candidate = value
         if patterns and isinstance(value, str):
             candidate = tuple(part.strip() for part in value.split(",") if part.strip())
-        try:
-            spec = NoiseSpec(**{name: candidate})
-        except TypeError as error:
-            reason = expected_patterns if patterns else _reason(error)
-            raise _not_allowed(key, value, reason, TypeError) from None
-        except ValueError as error:
-            reason = _reason(error)
-            if patterns:  # keep which pattern is bad, say what the key takes
-                reason = f"{reason.split('; expected')[0]}; {expected_patterns}"
-            raise _not_allowed(key, value, reason, ValueError) from None
-        return getattr(spec, name)
+        elif patterns and not isinstance(value, (list, tuple)):
+            raise not_allowed(
+                label, value, "a comma-separated str of regular expressions", TypeError
+            )
+        return getattr(_build_spec(label, **{name: candidate}), name)
 
     return parse
+
+
+def _build_spec(label: str, **values: Any) -> NoiseSpec:
+    try:
+        return NoiseSpec(**values)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{label}: {error}") from None
+
+
+def _decay_override(label: str, value: Any) -> float | None:
+    """``""`` (``None`` here): the kind takes ``noise-decay``; else a decay."""
+    if value == "" or value is None:
+        return None
+    if not is_real(value):
+        raise not_allowed(
+            label, value, "'' (use noise-decay) or a number in (0, 1]", TypeError
+        )
+    return _spec_field("decay")(label, value)
+
+
+def _decay_to_run_config(value: float | None) -> RunConfigValue:
+    return "" if value is None else value
+
+
+def _correlation(label: str, value: Any) -> str:
+    value = check_choice(label, value, CORRELATIONS)
+    if value != "independent" and not _SPEC_HAS_CORRELATION:
+        raise not_allowed(
+            label,
+            value,
+            "'independent': this flwr_noise's NoiseSpec has no 'correlation'",
+        )
+    return value
+
+
+_SPEC_HAS_CORRELATION = "correlation" in {item.name for item in fields(NoiseSpec)}
 
 
 def _patterns_to_run_config(patterns: tuple[str, ...]) -> str:
@@ -256,7 +289,8 @@ class AppConfig:
         ``num-partitions``: number of data partitions; ``0`` takes it from
         each node's config (``num-partitions`` node config key).
     run_name : str
-        ``run-name``: the run folder's name; empty makes one from the time
+        ``run-name``: the run folder's name (at most ``MAX_RUN_NAME_LENGTH``
+        letters, digits, ``.``, ``_``, ``-``); empty makes one from the time
         and a hash of the config.
     round_timeout : float
         ``round-timeout``: seconds the server waits for the replies of one
@@ -266,6 +300,16 @@ class AppConfig:
         ``min-nodes``: the server waits (up to ``round-timeout`` seconds) for
         this many connected SuperNodes before the first round, and samples
         from at least this many every round.
+    local_noise_decay, broadcast_noise_decay, aggregation_noise_decay
+        ``<kind>-noise-decay``: the exponential schedule's decay of that kind
+        of noise, in ``(0, 1]``; ``""`` in the run config (``None`` here)
+        takes ``noise-decay``. Local noise decays once per step (or round,
+        with ``noise-schedule-unit="round"``), broadcast and aggregation noise
+        once per round, so one decay rarely suits all three.
+    noise_correlation : str
+        ``noise-correlation``: ``"independent"`` (the paper's noise) or
+        ``"anticorrelated"`` (each step's draw is removed before the next is
+        added); local noise only.
     resume : str
         ``resume``: ``""`` starts a new run; the name of a run folder in
         ``results-dir``, or the path of one, continues that run from its last
@@ -281,7 +325,7 @@ class AppConfig:
     model: str = _key("mlp", _choice(MODELS))
     dataset: str = _key("digits", _choice(DATASETS))
     data_dir: str = _key("", _text())
-    seed: int = _key(0, _integer(0, MAX_SEED))
+    seed: int = _key(0, _seed)
     local_noise_std: float = _key(0.01, _spec_field("std"))
     broadcast_noise_std: float = _key(0.0, _spec_field("std"))
     aggregation_noise_std: float = _key(0.0, _spec_field("std"))
@@ -307,13 +351,25 @@ class AppConfig:
     min_nodes: int = _key(1, _integer(1))
     round_timeout: float = _key(300.0, _real(above=0.0))
     resume: str = _key("", _resume)
+    local_noise_decay: float | None = _key(None, _decay_override, _decay_to_run_config)
+    broadcast_noise_decay: float | None = _key(
+        None, _decay_override, _decay_to_run_config
+    )
+    aggregation_noise_decay: float | None = _key(
+        None, _decay_override, _decay_to_run_config
+    )
+    noise_correlation: str = _key("independent", _correlation)
 
     def __post_init__(self) -> None:
         for config_field in fields(self):
             parse = config_field.metadata[_PARSE]
             value = getattr(self, config_field.name)
-            value = parse(_run_config_key(config_field.name), value)
+            value = parse(key_label(_run_config_key(config_field.name)), value)
             object.__setattr__(self, config_field.name, value)
+        # Combinations NoiseSpec may refuse (checked on the specs the run uses).
+        self.local_spec()
+        self.broadcast_spec()
+        self.aggregation_spec()
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> AppConfig:
@@ -348,9 +404,11 @@ class AppConfig:
             if name not in RUN_CONFIG_KEYS:
                 close = difflib.get_close_matches(str(name), RUN_CONFIG_KEYS, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(
-                    f"run config key {name!r} is not known{hint}: expected one of "
-                    + ", ".join(repr(known) for known in RUN_CONFIG_KEYS)
+                raise not_allowed(
+                    "run config key",
+                    name,
+                    f"a key of [tool.flwr.app.config]{hint}: "
+                    + allowed_choices(RUN_CONFIG_KEYS),
                 )
         return cls(
             **{
@@ -375,31 +433,53 @@ class AppConfig:
 
     def local_spec(self) -> NoiseSpec | None:
         """Noise added during local training, or ``None`` when it is off."""
-        return self._noise_spec(self.local_noise_std)
+        extra: dict[str, Any] = {"schedule_unit": self.noise_schedule_unit}
+        if self.noise_correlation != "independent":
+            extra["correlation"] = self.noise_correlation
+        return self._noise_spec(
+            "local", self.local_noise_std, self.local_noise_decay, extra
+        )
 
     def broadcast_spec(self) -> NoiseSpec | None:
-        """Noise added to each client's copy of the global model, or ``None``."""
-        return self._noise_spec(self.broadcast_noise_std)
+        """Noise added to each client's copy of the global model, or ``None``.
+
+        It is applied once per round, so its schedule counts rounds
+        (``schedule_unit="round"``), whatever ``noise-schedule-unit`` says;
+        the same holds for the aggregation noise.
+        """
+        return self._noise_spec(
+            "broadcast", self.broadcast_noise_std, self.broadcast_noise_decay
+        )
 
     def aggregation_spec(self) -> NoiseSpec | None:
         """Noise added to the aggregated model, or ``None``."""
-        return self._noise_spec(self.aggregation_noise_std)
+        return self._noise_spec(
+            "aggregation", self.aggregation_noise_std, self.aggregation_noise_decay
+        )
 
-    def _noise_spec(self, std: float) -> NoiseSpec | None:
+    def _noise_spec(
+        self,
+        kind: str,
+        std: float,
+        decay: float | None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> NoiseSpec | None:
         if std == 0:
             return None
-        return NoiseSpec(
+        extra = {"schedule_unit": "round", **(extra or {})}
+        return _build_spec(
+            f"run config ({kind} noise: '{kind}-noise-std' and 'noise-*')",
             std=std,
             distribution=self.noise_distribution,
             mode=self.noise_mode,
             relative=self.noise_relative,
             schedule=self.noise_schedule,
-            decay=self.noise_decay,
+            decay=self.noise_decay if decay is None else decay,
             gamma=self.noise_gamma,
-            schedule_unit=self.noise_schedule_unit,
             include=self.noise_include,
             exclude=self.noise_exclude,
             seed=self.seed,
+            **extra,
         )
 
 
@@ -407,3 +487,37 @@ RUN_CONFIG_KEYS: tuple[str, ...] = tuple(
     _run_config_key(config_field.name) for config_field in fields(AppConfig)
 )
 DEFAULT_RUN_CONFIG: dict[str, RunConfigValue] = AppConfig().to_dict()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Check ``--run-config`` overrides before ``flwr run``; name a bad key.
+
+    Flower 1.39's SuperLink refuses a key that ``[tool.flwr.app.config]``
+    lacks before the ServerApp runs, and ``flwr run`` prints only "Invalid run
+    configuration."; this names the key (and the closest known one)::
+
+        python -m flwr_noise_app.config "local-noize-std=0.1 model='cnn'"
+
+    Returns
+    -------
+    int
+        ``0`` when every key and value is allowed, else ``2``.
+
+    """
+    import sys
+
+    from flwr.common.config import parse_config_args
+
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        config = AppConfig.from_run_config(parse_config_args(args))
+    except (TypeError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for key, value in config.to_dict().items():
+        print(f"{key} = {value!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
+import itertools
 import json
 import math
 import numbers
 import os
-import re
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
+
+from flwr_noise.validation import not_allowed
+from flwr_noise_app.config import check_run_name
 
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
@@ -40,8 +44,6 @@ REQUIRED_ROUND_KEYS: tuple[str, ...] = (
     "local_accuracy_min",
     "local_accuracy_max",
 )
-
-_RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def make_run_name(config: Mapping[str, Any], *, now: datetime | None = None) -> str:
@@ -69,25 +71,11 @@ def make_run_name(config: Mapping[str, Any], *, now: datetime | None = None) -> 
 def validate_run_name(run_name: str) -> str:
     """Return ``run_name`` if it is a valid run folder name, else raise.
 
-    A valid name has letters, digits, ``.``, ``_`` and ``-``, and starts
-    with a letter or digit (no path separators, no hidden folders).
-
-    Raises
-    ------
-    TypeError
-        If the name is not a str.
-    ValueError
-        If the name is not valid.
-
+    See ``flwr_noise_app.config.check_run_name`` (at most
+    ``MAX_RUN_NAME_LENGTH`` letters, digits, ``.``, ``_`` and ``-``, starting
+    with a letter or digit).
     """
-    if not isinstance(run_name, str):
-        raise TypeError(f"run name {run_name!r} is not allowed: expected a str")
-    if not _RUN_NAME_PATTERN.fullmatch(run_name):
-        raise ValueError(
-            f"run name {run_name!r} is not allowed: expected letters, digits, '.', "
-            "'_' and '-', starting with a letter or digit"
-        )
-    return run_name
+    return check_run_name("run_name", run_name)
 
 
 def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -141,8 +129,8 @@ class ResultsWriter:
     run_name : str | None
         Name of the run folder: letters, digits, ``.``, ``_`` and ``-``.
         ``None`` or ``""``: ``make_run_name(config)``, with a numeric suffix
-        when that folder exists already. An explicit name that exists is
-        reused and its results are overwritten.
+        when that folder exists already. The folder is created exclusively:
+        a new run never writes into an existing folder.
     config : Mapping[str, Any]
         The run's whole config (JSON-serializable values).
     plot : bool
@@ -168,6 +156,8 @@ class ResultsWriter:
         results file, or its rounds are not ``1..resume_after``.
     FileNotFoundError
         When resuming a folder without ``results.json``.
+    FileExistsError
+        For a new run whose explicit ``run_name`` folder exists already.
 
     Examples
     --------
@@ -193,28 +183,31 @@ class ResultsWriter:
                 "expected a mapping"
             )
         base = Path(results_dir)
-        if run_name:
-            run_dir = base / validate_run_name(run_name)
-        elif resume_after is not None:
-            raise ValueError(
-                f"run name {run_name!r} is not allowed when resuming: expected the "
-                "name of the run folder to continue"
-            )
+        if resume_after is not None:
+            if not run_name:
+                raise not_allowed(
+                    "run_name", run_name, "the name of the run folder to continue"
+                )
+            run_dir = base / run_name
         else:
-            run_dir = _unused_folder(base, make_run_name(self._config))
+            base.mkdir(parents=True, exist_ok=True)
+            run_dir = _create_folder(base, run_name, self._config)
         self._run_dir = run_dir
         self._plot = plot
         self._plot_interval = plot_interval
         self._last_plot: float | None = None
         self._rounds: list[dict[str, Any]] = []
+        # Each round is converted to JSON and to a CSV line once, when added;
+        # a rewrite only joins the texts (measured: benchmarks in README).
+        self._round_json: list[str] = []
+        self._csv_columns: list[str] = list(REQUIRED_ROUND_KEYS)
+        self._csv_lines: list[str] = []
         self._info: dict[str, Any] = {}
         self._status = STATUS_RUNNING
         self._started_at = _utc_now()
         self._finished_at: str | None = None
         self._error: str | None = None
-        if resume_after is None:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        else:
+        if resume_after is not None:
             self._load_for_resume(resume_after)
         self._write_json()
 
@@ -230,16 +223,29 @@ class ResultsWriter:
             )
         previous = load_results(self._run_dir)
         rounds = [
-            entry for entry in previous["rounds"] if entry["round"] <= resume_after
+            entry
+            for entry in previous["rounds"]
+            if not isinstance(entry, Mapping) or entry.get("round", 0) <= resume_after
         ]
-        numbers_kept = [entry["round"] for entry in rounds]
+        numbers_kept = [
+            entry.get("round") if isinstance(entry, Mapping) else entry
+            for entry in rounds
+        ]
         if numbers_kept != list(range(1, resume_after + 1)):
             raise ValueError(
                 f"results of run {self.run_name!r} with rounds {numbers_kept} are not "
                 f"allowed for resuming after round {resume_after}: expected rounds 1 "
                 f"to {resume_after}"
             )
-        self._rounds = rounds
+        try:
+            rounds = [_checked_round(entry, nullable=True) for entry in rounds]
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"results of run {self.run_name!r} are not allowed for resuming: "
+                f"expected the rounds this App writes ({error})"
+            ) from None
+        for entry in rounds:
+            self._append(entry)
         self._info = dict(previous.get("info") or {})
         self._info["resumed"] = [
             *self._info.get("resumed", []),
@@ -312,7 +318,7 @@ class ResultsWriter:
                 f"round {entry['round']} is not allowed: expected a round after "
                 f"{self._rounds[-1]['round']}"
             )
-        self._rounds.append(entry)
+        self._append(entry)
         self._write_all(final=False)
 
     def update_info(self, **fields: Any) -> None:
@@ -359,6 +365,9 @@ class ResultsWriter:
 
     def to_dict(self) -> dict[str, Any]:
         """Return the content of ``results.json``."""
+        return {**self._head(), "rounds": self.rounds}
+
+    def _head(self) -> dict[str, Any]:
         return {
             "run_name": self.run_name,
             "status": self._status,
@@ -367,12 +376,25 @@ class ResultsWriter:
             "error": self._error,
             "config": self._config,
             "info": self._info,
-            "rounds": self.rounds,
         }
+
+    def _append(self, entry: dict[str, Any]) -> None:
+        round_json = json.dumps(entry, allow_nan=False)
+        columns = self._csv_columns + [
+            key for key in entry if key not in self._csv_columns
+        ]
+        if len(columns) > len(self._csv_columns):  # a new column: redo every line
+            lines = [_csv_line(row, columns) for row in [*self._rounds, entry]]
+        else:
+            lines = [*self._csv_lines, _csv_line(entry, columns)]
+        self._rounds.append(entry)
+        self._round_json.append(round_json)
+        self._csv_columns, self._csv_lines = columns, lines
 
     def _write_all(self, *, final: bool) -> None:
         self._write_json()
-        atomic_write(self.csv_path, _write_csv_rows(self._rounds), binary=False)
+        text = "".join([_csv_line(None, self._csv_columns), *self._csv_lines])
+        atomic_write(self.csv_path, lambda handle: handle.write(text), binary=False)
         if not self._plot or not self._rounds:
             return
         now = time.monotonic()
@@ -385,11 +407,17 @@ class ResultsWriter:
             self._last_plot = now
 
     def _write_json(self) -> None:
-        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        # One round per line; everything else indented.
+        rounds = ",\n    ".join(self._round_json)
+        text = json.dumps(self._head(), indent=2, allow_nan=False)[: -len("\n}")]
+        text += ',\n  "rounds": [' + (f"\n    {rounds}\n  " if rounds else "")
+        text += "]\n}\n"
         atomic_write(self.json_path, lambda handle: handle.write(text), binary=False)
 
 
-def _checked_round(metrics: Mapping[str, Any]) -> dict[str, Any]:
+def _checked_round(
+    metrics: Mapping[str, Any], *, nullable: bool = False
+) -> dict[str, Any]:
     if not isinstance(metrics, Mapping):
         raise TypeError(
             f"round metrics of type {type(metrics).__name__} are not allowed: "
@@ -413,6 +441,8 @@ def _checked_round(metrics: Mapping[str, Any]) -> dict[str, Any]:
         )
     for key in REQUIRED_ROUND_KEYS[1:]:
         value = metrics[key]
+        if nullable and value is None:  # a non-finite number, as stored
+            continue
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(
                 f"round metric {key!r} = {value!r} is not allowed: expected a number"
@@ -447,10 +477,8 @@ def _jsonable(value: Any, where: str) -> Any:
     )
 
 
-def _write_csv_rows(rounds: list[dict[str, Any]]) -> Callable[[IO[Any]], None]:
-    columns = list(REQUIRED_ROUND_KEYS)
-    for entry in rounds:
-        columns.extend(key for key in entry if key not in columns)
+def _csv_line(entry: Mapping[str, Any] | None, columns: list[str]) -> str:
+    """Return one CSV line of ``entry`` (``None``: the header) in ``columns``."""
 
     def cell(value: Any) -> Any:
         if value is None:
@@ -459,13 +487,10 @@ def _write_csv_rows(rounds: list[dict[str, Any]]) -> Callable[[IO[Any]], None]:
             return json.dumps(value)
         return value
 
-    def write(handle: IO[Any]) -> None:
-        writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        for entry in rounds:
-            writer.writerow({key: cell(value) for key, value in entry.items()})
-
-    return write
+    buffer = io.StringIO()
+    row = columns if entry is None else [cell(entry.get(key)) for key in columns]
+    csv.writer(buffer, lineterminator="\n").writerow(row)
+    return buffer.getvalue()
 
 
 def _plot_rounds(rounds: list[dict[str, Any]]) -> Callable[[IO[Any]], None]:
@@ -523,7 +548,10 @@ def atomic_write(path: Path, write: Callable[[IO[Any]], Any], *, binary: bool) -
         translation).
 
     """
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    temporary = path.with_name(
+        f"{_TEMPORARY_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex}"
+        f"{_TEMPORARY_SUFFIX}"
+    )
     try:
         # open() honours the umask (mkstemp would make the file private).
         text_mode: dict[str, Any] = {"encoding": "utf-8", "newline": ""}
@@ -539,13 +567,59 @@ def atomic_write(path: Path, write: Callable[[IO[Any]], Any], *, binary: bool) -
         raise
 
 
-def _unused_folder(base: Path, name: str) -> Path:
-    candidate = base / name
-    suffix = 2
-    while candidate.exists():
-        candidate = base / f"{name}-{suffix}"
-        suffix += 1
-    return candidate
+_TEMPORARY_PREFIX = "."
+_TEMPORARY_SUFFIX = ".tmp"
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files that crashed ``atomic_write`` calls left.
+
+    A temporary file is stale when the process that wrote it (its name holds
+    the process id) is no longer running on this machine.
+
+    Returns
+    -------
+    list[Path]
+        The files removed.
+
+    """
+    removed = []
+    for candidate in folder.glob(f"{_TEMPORARY_PREFIX}*{_TEMPORARY_SUFFIX}"):
+        parts = candidate.name.split(".")
+        pid = parts[-3] if len(parts) >= 4 else ""
+        if not pid.isdigit() or process_is_running(int(pid)):
+            continue
+        candidate.unlink(missing_ok=True)
+        removed.append(candidate)
+    return removed
+
+
+def process_is_running(pid: int) -> bool:
+    """Return whether a process with id ``pid`` runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _create_folder(base: Path, run_name: str | None, config: Any) -> Path:
+    """Create the run folder; it must be new (``mkdir`` is atomic, race-free)."""
+    if run_name:
+        folder = base / validate_run_name(run_name)
+        folder.mkdir()  # FileExistsError: never write into another run's folder
+        return folder
+    name = make_run_name(config)
+    for suffix in itertools.count(1):
+        folder = base / (name if suffix == 1 else f"{name}-{suffix}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
 
 
 def _utc_now() -> str:

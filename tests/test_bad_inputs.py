@@ -25,12 +25,13 @@ from flwr.serverapp.strategy import FedAdam, FedAvg
 from flwr_noise import NoiseSpec, NoisyStrategy, WeightNoise
 from flwr_noise_app.checkpoint import (
     Checkpoint,
-    find_resume_point,
+    capture_rng_state,
     restore_strategy_state,
     save_checkpoint,
 )
 from flwr_noise_app.config import AppConfig
 from flwr_noise_app.results import ResultsWriter
+from flwr_noise_app.run_folder import RunFolder
 from flwr_noise_app.tasks.data import load_dataset, partition_indices
 from flwr_noise_app.tasks.models import build_model
 from flwr_noise_app.tasks.training import make_optimizer, train_steps
@@ -131,7 +132,7 @@ def cases(tmp: Path) -> dict[str, Case]:
             TypeError,
             "'fraction-train'",
             "'all'",
-            "> 0 and <= 1",
+            "in (0, 1]",
         ),
         "results-dir not a string": Case(
             run_config(results_dir=5), TypeError, "'results-dir'", "5", "a non-empty"
@@ -268,7 +269,7 @@ def cases(tmp: Path) -> dict[str, Case]:
             ValueError,
             "split_seed",
             "-1",
-            "an int from 0 to",
+            "an int >= 0",
         ),
         "load_dataset data_dir missing": Case(
             lambda: load_dataset("mnist", str(tmp / "no-such-folder")),
@@ -282,14 +283,14 @@ def cases(tmp: Path) -> dict[str, Case]:
             ValueError,
             "num_partitions",
             "0",
-            "an int from 1 to 20",
+            "an int in [1, 20]",
         ),
         "partition_indices partition_id": Case(
             lambda: partition_indices(LABELS, 4, 4),
             ValueError,
             "partition_id",
             "4",
-            "an int from 0 to 3",
+            "an int in [0, 3]",
         ),
         "partition_indices scheme": Case(
             lambda: partition_indices(LABELS, 2, 0, scheme="shards"),
@@ -331,7 +332,7 @@ def cases(tmp: Path) -> dict[str, Case]:
         "ResultsWriter run_name": Case(
             writer(tmp, run_name="a/b"),
             ValueError,
-            "run name",
+            "run_name=",
             "'a/b'",
             "letters, digits",
         ),
@@ -363,7 +364,7 @@ def cases(tmp: Path) -> dict[str, Case]:
         "restore_strategy_state": Case(
             lambda: restore_strategy_state(FedAvg(), {"0.m_t": {}}),
             ValueError,
-            "strategy state '0.m_t'",
+            "strategy state='0.m_t'",
             "FedAvg",  # the strategy it was given
             "the same strategy",
         ),
@@ -406,6 +407,7 @@ def make_finished_run(results_dir: Path, **config: Any) -> AppConfig:
             server_round=2,
             arrays=array_record({"w": np.zeros(3, np.float32)}),
             config=app_config.to_dict(),
+            rng_state=capture_rng_state(),
         ),
     )
     return app_config
@@ -418,15 +420,16 @@ def resume_config(results_dir: Path, **overrides: Any) -> AppConfig:
 
 
 BAD_RESUMES = [
-    ({"resume": "missing"}, "run config key 'resume' = 'missing'", "found no "),
-    ({"seed": 7}, "run config key 'seed' = 7", "expected 0, the value the run was"),
-    ({"model": "cnn"}, "run config key 'model' = 'cnn'", "expected 'mlp'"),
+    ({"resume": "missing"}, "run config 'resume'='missing'", "found no "),
+    ({"seed": 7}, "run config 'seed'=7", "expected 0 when resuming, the value the"),
+    ({"model": "cnn"}, "run config 'model'='cnn'", "expected 'mlp' when resuming"),
     (
         {"num-server-rounds": 1},
-        "run config key 'num-server-rounds' = 1",
-        "expected an int >= 2, the rounds it has done",
+        "run config 'num-server-rounds'=1",
+        "the rounds it has done",
     ),
 ]
+MODEL = array_record({"w": np.zeros(3, np.float32)})
 
 
 @pytest.mark.parametrize(("overrides", "names", "allowed"), BAD_RESUMES)
@@ -435,7 +438,7 @@ def test_bad_resume_is_refused_with_one_clear_line(
 ) -> None:
     make_finished_run(tmp_path)
     with pytest.raises(ValueError) as raised:
-        find_resume_point(resume_config(tmp_path, **overrides))
+        RunFolder.open(resume_config(tmp_path, **overrides), MODEL)
     message = str(raised.value)
     assert "\n" not in message
     assert message.startswith(names), message
@@ -446,9 +449,9 @@ def test_damaged_checkpoint_is_refused(tmp_path: Path) -> None:
     make_finished_run(tmp_path)
     (tmp_path / "earlier" / "checkpoint.npz").write_bytes(b"not a zip file")
     with pytest.raises(ValueError) as raised:
-        find_resume_point(resume_config(tmp_path))
+        RunFolder.open(resume_config(tmp_path), MODEL)
     message = str(raised.value)
-    assert message.startswith("run config key 'resume' = 'earlier' is not allowed: ")
+    assert message.startswith("run config 'resume'='earlier' is not allowed: ")
     assert "checkpoint.npz of format 1 written by flwr-noise" in message
 
 
@@ -464,14 +467,13 @@ def test_resume_may_change_rounds_timeout_and_find_the_run_by_path(
             "results-dir": str(tmp_path / "elsewhere"),
         }
     )
-    resume = find_resume_point(config)
-    assert resume is not None
-    assert resume.run_dir == (tmp_path / "earlier").resolve()
-    assert resume.next_round == 3
+    with RunFolder.open(config, MODEL, plot=False) as folder:
+        assert folder.path == (tmp_path / "earlier").absolute()
+        assert folder.first_round == 3
 
 
 def test_restoring_into_another_strategy_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"strategy state '1\.v_t'"):
+    with pytest.raises(ValueError, match=r"strategy state='1\.v_t'"):
         restore_strategy_state(NoisyStrategy(FedAvg()), {"1.v_t": {"w": np.zeros(2)}})
     restore_strategy_state(NoisyStrategy(FedAdam()), {"1.v_t": {"w": np.zeros(2)}})
 
@@ -488,9 +490,9 @@ def server_context(run_config: dict[str, Any]) -> Context:
 @pytest.mark.parametrize(
     ("run_config", "fragment"),
     [
-        ({"model": "resnet"}, "run config key 'model' = 'resnet'"),
-        ({"round-timeout": -1}, "run config key 'round-timeout' = -1"),
-        ({"resume": "no-such-run"}, "run config key 'resume' = 'no-such-run'"),
+        ({"model": "resnet"}, "run config 'model'='resnet'"),
+        ({"round-timeout": -1}, "run config 'round-timeout'=-1"),
+        ({"resume": "no-such-run"}, "run config 'resume'='no-such-run'"),
         ({"dataset": "mnist", "data-dir": "/nonexistent/mnist"}, "data-dir"),
     ],
 )

@@ -19,7 +19,6 @@ from flwr_noise import NoiseSpec, NoisyStrategy
 from flwr_noise_app.checkpoint import (
     CHECKPOINT_FILE,
     Checkpoint,
-    Checkpointer,
     capture_rng_state,
     capture_strategy_state,
     load_checkpoint,
@@ -29,6 +28,7 @@ from flwr_noise_app.checkpoint import (
 )
 from flwr_noise_app.federation import RoundOutcome, run_rounds
 from flwr_noise_app.results import ResultsWriter, load_results
+from flwr_noise_app.run_folder import RunFolder
 
 # -- The file -----------------------------------------------------------------
 
@@ -201,13 +201,21 @@ def federate(
     arrays: ArrayRecord,
     first_round: int,
     num_rounds: int,
-    checkpointer: Checkpointer,
+    run_dir: Path,
 ) -> list[RoundOutcome]:
     outcomes: list[RoundOutcome] = []
 
     def finish_round(outcome: RoundOutcome) -> None:
         outcomes.append(outcome)
-        checkpointer.save(outcome.server_round, outcome.arrays)
+        save_checkpoint(
+            run_dir,
+            Checkpoint(
+                outcome.server_round,
+                outcome.arrays,
+                rng_state=capture_rng_state(),
+                strategy_state=capture_strategy_state(strategy),
+            ),
+        )
 
     run_rounds(
         strategy,
@@ -228,13 +236,11 @@ def test_resumed_stateful_strategy_equals_the_whole_run(
     (tmp_path / "whole").mkdir()
     (tmp_path / "cut").mkdir()
     random.seed(0)
-    whole = federate(
-        make_strategy(inner), initial, 1, 4, Checkpointer(tmp_path / "whole", {})
-    )
+    whole = federate(make_strategy(inner), initial, 1, 4, tmp_path / "whole")
 
     random.seed(0)
     strategy = make_strategy(inner)
-    federate(strategy, initial, 1, 2, Checkpointer(tmp_path / "cut", {}, strategy))
+    federate(strategy, initial, 1, 2, tmp_path / "cut")
     random.seed(12345)  # a restarted process has other random state
     checkpoint = load_checkpoint(tmp_path / "cut")
     resumed_strategy = make_strategy(inner)
@@ -245,7 +251,7 @@ def test_resumed_stateful_strategy_equals_the_whole_run(
         checkpoint.arrays,
         3,
         4,
-        Checkpointer(tmp_path / "cut", {}, resumed_strategy),
+        tmp_path / "cut",
     )
 
     assert [o.server_round for o in resumed] == [3, 4]
@@ -307,10 +313,10 @@ def test_resumed_app_run_equals_the_whole_run(
             raise Crash
         return reply
 
-    save = Checkpointer.save
+    save = RunFolder.save_checkpoint
 
     def crash_before_the_checkpoint(
-        self: Checkpointer, round_number: int, arrays: ArrayRecord
+        self: RunFolder, round_number: int, arrays: ArrayRecord
     ) -> Path:
         if round_number == crash_round:
             raise Crash
@@ -318,7 +324,7 @@ def test_resumed_app_run_equals_the_whole_run(
 
     with monkeypatch.context() as patch:
         if crash.startswith("after"):
-            patch.setattr(Checkpointer, "save", crash_before_the_checkpoint)
+            patch.setattr(RunFolder, "save_checkpoint", crash_before_the_checkpoint)
         with pytest.raises(Crash):
             run_app(
                 app_config(tmp_path, **{"run-name": "cut"}),

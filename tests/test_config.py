@@ -62,8 +62,8 @@ CUSTOM = {
     "aggregation-noise-std": 0.001,
     "results-dir": "out",
     "noise-distribution": "laplace",
-    "noise-mode": "multiplicative",
-    "noise-relative": False,  # NoiseSpec refuses relative x multiplicative
+    "noise-mode": "additive",
+    "noise-relative": True,
     "noise-schedule": "polynomial",
     "noise-decay": 0.9,
     "noise-gamma": 0.6,
@@ -78,6 +78,10 @@ CUSTOM = {
     "min-nodes": 3,
     "round-timeout": 60.0,
     "resume": "earlier-run",
+    "local-noise-decay": 0.5,
+    "broadcast-noise-decay": "",
+    "aggregation-noise-decay": 0.95,
+    "noise-correlation": "independent",
 }
 
 
@@ -109,55 +113,75 @@ def test_include_list_tolerates_spaces_and_empty_items():
 
 
 def _message(key, value, reason):
-    return f"run config key {key!r} = {value!r} is not allowed: {reason}"
+    return f"run config {key!r}={value!r} is not allowed: {reason}"
 
 
 INT_1 = "expected an int >= 1"
 FINITE_POSITIVE = "expected a finite number > 0"
+RUN_NAME = (
+    "expected at most 100 letters, digits, '.', '_' and '-', starting with a "
+    "letter or digit"
+)
 BAD_VALUES = [
     ("num-server-rounds", 0, ValueError, INT_1),
     ("num-server-rounds", True, TypeError, INT_1),
     ("num-server-rounds", "5", TypeError, INT_1),
     ("local-steps", -3, ValueError, INT_1),
-    ("local-steps", 2.5, ValueError, INT_1),
+    ("local-steps", 2.5, TypeError, INT_1),
     ("batch-size", 0, ValueError, INT_1),
     ("learning-rate", 0.0, ValueError, FINITE_POSITIVE),
     ("learning-rate", float("nan"), ValueError, FINITE_POSITIVE),
     ("learning-rate", "fast", TypeError, FINITE_POSITIVE),
     ("model", "resnet", ValueError, "expected one of 'linear', 'mlp', 'cnn'"),
-    ("model", 3, TypeError, "expected one of 'linear', 'mlp', 'cnn'"),
+    ("model", 3, TypeError, "expected a str, one of 'linear', 'mlp', 'cnn'"),
     ("dataset", "cifar10", ValueError, "expected one of 'digits', 'mnist'"),
-    ("data-dir", None, TypeError, "expected a string"),
-    ("seed", -1, ValueError, "expected an int from 0 to 4294967295"),
-    ("seed", 2**32, ValueError, "expected an int from 0 to 4294967295"),
-    ("results-dir", "", ValueError, "expected a non-empty string"),
+    ("data-dir", None, TypeError, "expected a str"),
+    ("seed", -1, ValueError, "expected an int >= 0"),
+    ("seed", 2**32, ValueError, "expected an int in [0, 4294967295]"),
+    ("results-dir", "", ValueError, "expected a non-empty str"),
     ("partitioning", "shards", ValueError, "expected one of 'iid', 'dirichlet'"),
     ("dirichlet-alpha", 0, ValueError, FINITE_POSITIVE),
     ("dirichlet-alpha", float("inf"), ValueError, FINITE_POSITIVE),
-    ("fraction-train", 0.0, ValueError, "expected a finite number > 0 and <= 1"),
-    ("fraction-train", 1.5, ValueError, "expected a finite number > 0 and <= 1"),
+    ("fraction-train", 0.0, ValueError, "expected a finite number in (0, 1]"),
+    ("fraction-train", 1.5, ValueError, "expected a finite number in (0, 1]"),
     ("num-partitions", -1, ValueError, "expected an int >= 0"),
+    ("run-name", "../elsewhere", ValueError, RUN_NAME),
+    ("run-name", "a" * 101, ValueError, RUN_NAME),
+    ("run-name", 7, TypeError, f"expected a str of {RUN_NAME[9:]}"),
     (
-        "run-name",
-        "../elsewhere",
-        ValueError,
-        "expected letters, digits, '.', '_' and '-', starting with a letter or digit",
+        "noise-exclude",
+        5,
+        TypeError,
+        "expected a comma-separated str of regular expressions",
     ),
-    ("noise-exclude", 5, TypeError, "expected a comma-separated list of regular"),
+    (
+        "local-noise-decay",
+        "x",
+        TypeError,
+        "expected '' (use noise-decay) or a number in (0, 1]",
+    ),
+    (
+        "noise-correlation",
+        "sometimes",
+        ValueError,
+        "expected one of 'independent', 'anticorrelated'",
+    ),
 ]
-# Checked by NoiseSpec: the message names the key and keeps NoiseSpec's reason.
+# Checked by NoiseSpec: its whole message follows the key it came from.
 BAD_NOISE_VALUES = [
-    ("local-noise-std", -0.1, ValueError, "in [0, 1e+06]"),
-    ("broadcast-noise-std", float("nan"), ValueError, "finite"),
-    ("aggregation-noise-std", "big", TypeError, "number"),
-    ("noise-distribution", "cauchy", ValueError, "'gaussian', 'uniform', 'laplace'"),
-    ("noise-mode", "both", ValueError, "'additive', 'multiplicative'"),
-    ("noise-relative", "yes", TypeError, "True or False"),
-    ("noise-schedule", "cosine", ValueError, "'constant'"),
-    ("noise-decay", 1.5, ValueError, "(0, 1]"),
-    ("noise-gamma", 0, ValueError, "> 0"),
-    ("noise-schedule-unit", "epoch", ValueError, "'step', 'round'"),
-    ("noise-include", "ok,(", ValueError, "'(' is not a valid regular expression"),
+    ("local-noise-std", -0.1, ValueError, "std", "in [0, 1e+06]"),
+    ("broadcast-noise-std", float("nan"), ValueError, "std", "finite"),
+    ("aggregation-noise-std", "big", TypeError, "std", "number"),
+    ("noise-distribution", "cauchy", ValueError, "distribution", "'laplace'"),
+    ("noise-mode", "both", ValueError, "mode", "'additive', 'multiplicative'"),
+    ("noise-relative", "yes", TypeError, "relative", "True or False"),
+    ("noise-schedule", "cosine", ValueError, "schedule", "'constant'"),
+    ("noise-decay", 1.5, ValueError, "decay", "(0, 1]"),
+    ("local-noise-decay", 0.0, ValueError, "decay", "(0, 1]"),
+    ("aggregation-noise-decay", 2, ValueError, "decay", "(0, 1]"),
+    ("noise-gamma", 0, ValueError, "gamma", "> 0"),
+    ("noise-schedule-unit", "epoch", ValueError, "schedule_unit", "'step', 'round'"),
+    ("noise-include", "ok,(", ValueError, "include", "'(' is not a valid regular"),
 ]
 
 
@@ -165,30 +189,31 @@ BAD_NOISE_VALUES = [
 def test_bad_value_message(key, value, error, reason):
     with pytest.raises(error) as caught:
         AppConfig.from_run_config({key: value})
-    expected = _message(key, value, reason)
-    if key == "noise-exclude":
-        assert str(caught.value).startswith(expected)
-    else:
-        assert str(caught.value) == expected
+    assert str(caught.value) == _message(key, value, reason)
 
 
-@pytest.mark.parametrize(("key", "value", "error", "fragment"), BAD_NOISE_VALUES)
-def test_bad_noise_value_message(key, value, error, fragment):
+@pytest.mark.parametrize(
+    ("key", "value", "error", "name", "fragment"), BAD_NOISE_VALUES
+)
+def test_bad_noise_value_names_the_key_and_keeps_noisespecs_message(
+    key, value, error, name, fragment
+):
     with pytest.raises(error) as caught:
         AppConfig.from_run_config({key: value})
     message = str(caught.value)
-    assert message.startswith(_message(key, value, "")), message
+    assert message.startswith(f"run config {key!r}: NoiseSpec.{name}="), message
+    assert " is not allowed: " in message
     assert fragment in message
-    assert "NoiseSpec" not in message  # the user wrote a run config key
     assert "\n" not in message
 
 
-def test_unknown_key_names_it_and_lists_the_known_ones():
+def test_unknown_key_names_it_and_suggests_the_closest():
     with pytest.raises(ValueError) as caught:
-        AppConfig.from_run_config({"modle": "cnn"})
+        AppConfig.from_run_config({"local-noize-std": 0.1})
     message = str(caught.value)
     assert message.startswith(
-        "run config key 'modle' is not known (did you mean 'model'?): expected one of"
+        "run config key='local-noize-std' is not allowed: expected a key of "
+        "[tool.flwr.app.config] (did you mean 'local-noise-std'?): one of "
     )
     assert all(repr(key) in message for key in RUN_CONFIG_KEYS)
 
@@ -199,7 +224,7 @@ def test_run_config_must_be_a_mapping():
 
 
 def test_direct_construction_is_validated_and_frozen():
-    with pytest.raises(ValueError, match=re.escape("run config key 'batch-size' = 0")):
+    with pytest.raises(ValueError, match=re.escape("run config 'batch-size'=0 is")):
         AppConfig(batch_size=0)
     config = AppConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -217,19 +242,24 @@ def test_specs_share_the_noise_settings_and_the_seed():
     config = AppConfig.from_run_config(CUSTOM)
     shared = {
         "distribution": "laplace",
-        "mode": "multiplicative",
-        "relative": False,
+        "mode": "additive",
+        "relative": True,
         "schedule": "polynomial",
-        "decay": 0.9,
         "gamma": 0.6,
         "schedule_unit": "round",
         "include": (r"^0\.", "weight$"),
         "exclude": ("bias",),
         "seed": 42,
     }
-    assert config.local_spec() == NoiseSpec(std=0.02, **shared)
-    assert config.broadcast_spec() == NoiseSpec(std=0.005, **shared)
-    assert config.aggregation_spec() == NoiseSpec(std=0.001, **shared)
+    assert config.local_spec() == NoiseSpec(std=0.02, decay=0.5, **shared)
+    # Broadcast and aggregation noise are applied once per round.
+    config = AppConfig.from_run_config({**CUSTOM, "noise-schedule-unit": "step"})
+    assert config.local_spec().schedule_unit == "step"
+    assert config.broadcast_spec() == NoiseSpec(std=0.005, decay=0.9, **shared)
+    assert config.aggregation_spec() == NoiseSpec(std=0.001, decay=0.95, **shared)
+    config = AppConfig.from_run_config(CUSTOM)
+    assert config.broadcast_spec() == NoiseSpec(std=0.005, decay=0.9, **shared)
+    assert config.aggregation_spec() == NoiseSpec(std=0.001, decay=0.95, **shared)
 
 
 def test_the_apps_pyproject_config_is_valid():
@@ -238,3 +268,47 @@ def test_the_apps_pyproject_config_is_valid():
     config = AppConfig.from_run_config(app_config)
     for key, value in app_config.items():
         assert config.to_dict()[key] == value
+
+
+def test_each_kind_of_noise_may_have_its_own_decay():
+    config = AppConfig.from_run_config(
+        {
+            "noise-schedule": "exponential",
+            "noise-decay": 0.9,
+            "local-noise-decay": 0.5,
+            "broadcast-noise-std": 0.1,
+            "aggregation-noise-std": 0.1,
+            "aggregation-noise-decay": 0.99,
+        }
+    )
+    assert config.local_spec().decay == 0.5
+    assert config.broadcast_spec().decay == 0.9  # "": takes noise-decay
+    assert config.aggregation_spec().decay == 0.99
+    assert config.local_spec().sigma_at(2) == pytest.approx(0.01 * 0.25)
+    assert config.to_dict()["broadcast-noise-decay"] == ""
+    assert AppConfig.from_run_config(config.to_dict()) == config
+
+
+def test_noise_correlation_goes_into_the_local_spec_only():
+    independent = AppConfig.from_run_config({"broadcast-noise-std": 0.1})
+    assert independent.noise_correlation == "independent"
+    if "correlation" not in {f.name for f in dataclasses.fields(NoiseSpec)}:
+        with pytest.raises(ValueError, match="has no 'correlation'"):
+            AppConfig.from_run_config({"noise-correlation": "anticorrelated"})
+        return
+    config = AppConfig.from_run_config(
+        {"noise-correlation": "anticorrelated", "broadcast-noise-std": 0.1}
+    )
+    assert config.local_spec().correlation == "anticorrelated"
+    assert config.broadcast_spec().correlation == "independent"
+
+
+def test_the_checker_names_a_misspelled_key_before_flwr_run(capsys):
+    from flwr_noise_app.config import main
+
+    assert main(["local-noize-std=0.1 model='cnn'"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: run config key='local-noize-std' is not allowed")
+    assert "did you mean 'local-noise-std'?" in error
+    assert main(["local-noise-std=0.1 model='cnn'"]) == 0
+    assert "model = 'cnn'" in capsys.readouterr().out

@@ -71,8 +71,12 @@ def test_digits_split_seed_changes_the_split():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"name": "cifar10"}, "dataset 'cifar10' is not allowed.*'digits', 'mnist'"),
-        ({"name": "digits", "split_seed": -1}, "split_seed -1"),
+        ({"name": "cifar10"}, "dataset='cifar10' is not allowed.*'digits', 'mnist'"),
+        ({"name": "digits", "split_seed": -1}, "split_seed=-1"),
+        (
+            {"name": "digits", "split_seed": 2**32},
+            r"split_seed=4294967296 .*\[0, 4294967295\]",
+        ),
     ],
 )
 def test_bad_load_arguments(kwargs, match):
@@ -258,14 +262,14 @@ def test_partition_result_is_a_private_copy():
 @pytest.mark.parametrize(
     ("args", "kwargs", "error", "match"),
     [
-        ((0, 0), {}, ValueError, "num_partitions 0"),
-        ((501, 0), {}, ValueError, "num_partitions 501"),
-        ((3, 3), {}, ValueError, "partition_id 3 .* from 0 to 2"),
-        ((3, 1.0), {}, TypeError, "partition_id 1.0"),
-        ((3, 0), {"scheme": "shards"}, ValueError, "scheme 'shards'.*'iid'"),
-        ((3, 0), {"scheme": "dirichlet", "alpha": 0.0}, ValueError, "alpha 0.0"),
+        ((0, 0), {}, ValueError, "num_partitions=0"),
+        ((501, 0), {}, ValueError, "num_partitions=501"),
+        ((3, 3), {}, ValueError, r"partition_id=3 .* in \[0, 2\]"),
+        ((3, 1.0), {}, TypeError, "partition_id=1.0"),
+        ((3, 0), {"scheme": "shards"}, ValueError, "scheme='shards'.*'iid'"),
+        ((3, 0), {"scheme": "dirichlet", "alpha": 0.0}, ValueError, "alpha=0.0"),
         ((3, 0), {"scheme": "dirichlet", "alpha": float("inf")}, ValueError, "alpha"),
-        ((3, 0), {"seed": -5}, ValueError, "seed -5"),
+        ((3, 0), {"seed": -5}, ValueError, "seed=-5"),
     ],
 )
 def test_bad_partition_arguments(args, kwargs, error, match):

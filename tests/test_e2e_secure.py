@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -438,7 +439,21 @@ def test_generate_certs_signs_a_server_certificate_for_loopback_and_given_names(
         assert (tmp_path / private_key).stat().st_mode & 0o077 == 0, private_key
 
 
-@pytest.mark.parametrize("names", [["not a name"], ["superlink.example.org;rm"]])
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["not a name"],
+        ["superlink.example.org;rm"],
+        ["192.0.2.1,DNS:attacker.example.com"],  # would add a SAN
+        ["::1,DNS:attacker.example.com"],
+        ["superlink.example.org\nbasicConstraints=critical,CA:TRUE"],  # extension
+        ["IP:192.0.2.1"],
+        ["999.0.2.1"],
+        ["a/CN=evil"],  # would add a subject field
+        ["superlink.example.org", "-bad.example.org"],
+        ["1::2::3"],
+    ],
+)
 def test_generate_certs_rejects_bad_names(
     app_dir: Path, tmp_path: Path, names: list[str]
 ) -> None:
@@ -449,6 +464,33 @@ def test_generate_certs_rejects_bad_names(
     assert result.returncode == 2, result
     assert result.stderr.startswith("error: NAME_OR_IP="), result.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_a_failed_generate_certs_leaves_no_half_ca(
+    app_dir: Path, tmp_path: Path
+) -> None:
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    fake = fake_bin / "openssl"  # fails when the CA signs the server certificate
+    real = shutil.which("openssl")
+    fake.write_text(f'#!/bin/sh\n[ "$1" = x509 ] && exit 1\nexec {real} "$@"\n')
+    fake.chmod(0o755)
+    script = secure_scripts(app_dir) / "generate-certs.sh"
+    out = tmp_path / "out" / "certs"
+    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}"}
+
+    failed = run_script(script, str(out), "superlink.example.org", env=env)
+
+    assert failed.returncode != 0, failed
+    assert not out.exists()
+    assert list((tmp_path / "out").iterdir()) == []  # no temporary folder left
+    assert run_script(script, str(out), "superlink.example.org").returncode == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "ca.crt",
+        "ca.key",
+        "server.key",
+        "server.pem",
+    ]
 
 
 def test_generate_certs_keeps_an_existing_ca(app_dir: Path, tmp_path: Path) -> None:

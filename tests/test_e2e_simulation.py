@@ -86,3 +86,26 @@ def test_bad_config_value_fails_the_run_with_one_clear_line(
     ), result.output
     for path in results_files(Path(str(run_config["results-dir"]))):
         assert json.loads(path.read_text())["status"] != "complete", path
+
+
+def test_misspelled_key_is_refused_by_flower_before_the_app_runs(
+    app_dir: Path,
+    flower_env: dict[str, str],
+    tiny_run_config: dict[str, bool | int | float | str],
+) -> None:
+    """What Flower 1.39 does with a key [tool.flwr.app.config] lacks (README).
+
+    The SuperLink refuses to start the run; `flwr run` prints only "Invalid
+    run configuration." and the key is named in the SuperLink's log alone.
+    `python -m flwr_noise_app.config` names it beforehand.
+    """
+    run_config = {**tiny_run_config, "local-noize-std": 0.1}
+
+    result = run_simulation(app_dir, flower_env, run_config)
+
+    assert result.returncode != 0, result.output
+    assert "Invalid run configuration" in result.output, result.output
+    assert "local-noize-std" not in result.output, result.output
+    log = Path(flower_env["FLWR_HOME"]) / "local-superlink" / "superlink.log"
+    assert "Key 'local-noize-std' is not present" in log.read_text(), log
+    assert not Path(str(run_config["results-dir"])).exists()

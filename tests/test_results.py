@@ -159,10 +159,10 @@ def test_crash_in_the_middle_of_a_write_leaves_the_previous_file(tmp_path, monke
     writer.add_round(_round(1))
     previous_csv = writer.csv_path.read_bytes()
 
-    def crash(self, row):
+    def crash(descriptor):
         raise RuntimeError("killed mid-write")
 
-    monkeypatch.setattr(csv.DictWriter, "writerow", crash)
+    monkeypatch.setattr(results.os, "fsync", crash)
     with pytest.raises(RuntimeError, match="mid-write"):
         writer.add_round(_round(2))
     assert writer.csv_path.read_bytes() == previous_csv
@@ -222,17 +222,21 @@ def test_automatic_run_names_never_reuse_a_folder(tmp_path, monkeypatch):
     assert (first.run_name, second.run_name) == ("fixed", "fixed-2")
 
 
-def test_explicit_run_name_is_reused(tmp_path):
-    ResultsWriter(tmp_path, "same", CONFIG, plot=False).add_round(_round(1))
-    again = ResultsWriter(tmp_path, "same", CONFIG, plot=False)
-    assert again.run_dir == tmp_path / "same"
-    assert load_results(again.run_dir)["rounds"] == []
+def test_an_existing_run_folder_is_never_written_by_a_new_run(tmp_path):
+    with ResultsWriter(tmp_path, "same", CONFIG, plot=False) as first:
+        first.add_round(_round(1))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "same").iterdir()}
+    with pytest.raises(FileExistsError):
+        ResultsWriter(tmp_path, "same", CONFIG, plot=False)
+    after = {p.name: p.read_bytes() for p in (tmp_path / "same").iterdir()}
+    assert after == before
 
 
-@pytest.mark.parametrize("name", ["a/b", "../up", ".hidden", "with space"])
+@pytest.mark.parametrize("name", ["a/b", "../up", ".hidden", "with space", "a" * 101])
 def test_bad_run_names(tmp_path, name):
-    with pytest.raises(ValueError, match="run name"):
+    with pytest.raises(ValueError, match="run_name="):
         ResultsWriter(tmp_path, name, CONFIG)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_swapped_arguments_are_a_clear_error(tmp_path):

@@ -154,11 +154,11 @@ def test_returned_loss_is_the_mean_of_the_batch_losses():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"steps": 0}, "steps 0"),
-        ({"batch_size": 0}, "batch_size 0"),
+        ({"steps": 0}, "steps=0"),
+        ({"batch_size": 0}, "batch_size=0"),
         ({"learning_rate": None}, "learning_rate None"),
-        ({"learning_rate": -1.0}, "learning_rate -1.0"),
-        ({"learning_rate": float("nan")}, "learning_rate nan"),
+        ({"learning_rate": -1.0}, "learning_rate=-1.0"),
+        ({"learning_rate": float("nan")}, "learning_rate=nan"),
         ({"optimizer": "same", "learning_rate": 0.2}, "learning_rate 0.2 .*0.1"),
         ({"y": torch.zeros(3, dtype=torch.long)}, "4 inputs and 3 labels"),
     ],

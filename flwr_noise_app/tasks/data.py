@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
-import math
 import os
 import shutil
 import tempfile
@@ -22,8 +21,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from flwr_noise.validation import (
+    check_choice,
+    check_integer,
+    check_real,
+    not_allowed,
+)
+
 DATASETS: tuple[str, ...] = ("digits", "mnist")
 PARTITION_SCHEMES: tuple[str, ...] = ("iid", "dirichlet")
+# The largest seed every consumer takes (scikit-learn's split seed is 32-bit).
+MAX_SEED = 2**32 - 1
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
@@ -137,12 +145,10 @@ def load_dataset(name: str, data_dir: str = "", *, split_seed: int = 0) -> TaskD
         download fails.
 
     """
-    if name not in DATASETS:
-        allowed = ", ".join(repr(dataset) for dataset in DATASETS)
-        raise ValueError(f"dataset {name!r} is not allowed: expected one of {allowed}")
-    _check_seed("split_seed", split_seed)
+    check_choice("dataset", name, DATASETS)
+    check_seed("split_seed", split_seed)
     if not isinstance(data_dir, (str, os.PathLike)):
-        raise TypeError(f"data_dir {data_dir!r} is not allowed: expected a path")
+        raise not_allowed("data_dir", data_dir, "a path", TypeError)
     folder = str(Path(data_dir).expanduser().resolve()) if str(data_dir) else ""
     if name == "digits":
         folder = ""
@@ -438,26 +444,12 @@ def partition_indices(
 
     """
     label_array = _label_array(labels)
-    _check_int("num_partitions", num_partitions, 1, len(label_array))
-    _check_int("partition_id", partition_id, 0, num_partitions - 1)
-    if scheme not in PARTITION_SCHEMES:
-        allowed = ", ".join(repr(known) for known in PARTITION_SCHEMES)
-        raise ValueError(
-            f"partitioning scheme {scheme!r} is not allowed: expected one of {allowed}"
-        )
-    _check_seed("seed", seed)
+    check_integer("num_partitions", num_partitions, low=1, high=len(label_array))
+    check_integer("partition_id", partition_id, low=0, high=num_partitions - 1)
+    check_choice("partitioning scheme", scheme, PARTITION_SCHEMES)
+    check_seed("seed", seed)
     if scheme == "dirichlet":
-        if (
-            isinstance(alpha, bool)
-            or not isinstance(alpha, (int, float))
-            or not math.isfinite(alpha)
-            or alpha <= 0
-        ):
-            raise ValueError(
-                f"dirichlet alpha {alpha!r} is not allowed: expected a finite "
-                "number > 0"
-            )
-        alpha = float(alpha)
+        alpha = check_real("dirichlet alpha", alpha, low=0.0, low_open=True)
     else:
         alpha = 0.0  # unused by "iid": one cache entry whatever was passed
     partitions = _all_partitions(
@@ -577,14 +569,9 @@ def _label_array(labels: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.int64)
 
 
-def _check_int(name: str, value: Any, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} {value!r} is not allowed: expected an int")
-    if not low <= value <= high:
-        raise ValueError(
-            f"{name} {value!r} is not allowed: expected an int from {low} to {high}"
-        )
+def check_seed(label: str, value: Any) -> int:
+    """Return ``value`` if it is a seed every consumer takes, else raise.
 
-
-def _check_seed(name: str, value: Any) -> None:
-    _check_int(name, value, 0, 2**32 - 1)
+    ``0 <= seed <= MAX_SEED`` (scikit-learn's split seed is 32-bit).
+    """
+    return check_integer(label, value, low=0, high=MAX_SEED)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from flwr_noise.validation import check_integer, check_real
 
 
 def get_device() -> torch.device:
@@ -190,18 +190,8 @@ def _resolve_optimizer(
 
 
 def _check_learning_rate(learning_rate: float) -> None:
-    if (
-        isinstance(learning_rate, bool)
-        or not isinstance(learning_rate, (int, float))
-        or not math.isfinite(learning_rate)
-        or learning_rate <= 0
-    ):
-        raise ValueError(
-            f"learning_rate {learning_rate!r} is not allowed: expected a finite "
-            "number > 0"
-        )
+    check_real("learning_rate", learning_rate, low=0.0, low_open=True)
 
 
 def _check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} {value!r} is not allowed: expected an int >= 1")
+    check_integer(name, value, low=1)

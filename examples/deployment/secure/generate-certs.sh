@@ -4,12 +4,15 @@
 # Usage: examples/deployment/secure/generate-certs.sh [OUTPUT_DIR] [NAME_OR_IP ...]
 #
 #   OUTPUT_DIR   where the files go (default: certificates/ beside this script);
-#                it must not hold a CA already (remove it to start over)
-#   NAME_OR_IP   the server machine's DNS names and IP addresses, as the
-#                SuperNodes and `flwr` will address it, e.g. superlink.example.org
-#                192.0.2.10. localhost and 127.0.0.1 are always included: the
-#                SuperLink's own helpers reach its Runtime API on loopback with
-#                the same certificate.
+#                it must not hold any of them already (remove them to start
+#                over). They are built in a temporary folder beside it and
+#                moved there only when all of them were made.
+#   NAME_OR_IP   the server machine's DNS names and IP addresses, one per
+#                argument and nothing else, as the SuperNodes and `flwr` will
+#                address it, e.g. superlink.example.org 192.0.2.10.
+#                localhost and 127.0.0.1 are always included: the SuperLink's
+#                own helpers reach its Runtime API on loopback with the same
+#                certificate.
 #
 # Writes, in OUTPUT_DIR:
 #   ca.crt       the CA certificate: copy it to every SuperNode machine and to
@@ -32,56 +35,75 @@ if ! command -v openssl >/dev/null; then
   echo "error: openssl is not installed" >&2
   exit 1
 fi
-if [[ -e "$out_dir/ca.key" ]]; then
-  echo "error: OUTPUT_DIR=$out_dir already holds a CA (ca.key): remove it first" >&2
-  exit 2
-fi
+for file in ca.crt ca.key server.pem server.key; do
+  if [[ -e "$out_dir/$file" ]]; then
+    echo "error: OUTPUT_DIR=$out_dir already holds $file (a CA or a certificate): remove it first" >&2
+    exit 2
+  fi
+done
 
-# subjectAltName: loopback first, then every argument as IP: or DNS:.
-ipv4='^([0-9]{1,3}\.){3}[0-9]{1,3}$'
+# Each argument is exactly one IPv4 address, IPv6 address or DNS name. Nothing
+# else (no ',', '/', '=', ':' outside an IPv6 address, spaces or newlines)
+# reaches openssl's SAN list or subject, so no argument can add a name or an
+# extension.
+octet='(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])'
+ipv4="^($octet\.){3}$octet\$"
+ipv6_full='^([0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}$'
+ipv6_short='^([0-9A-Fa-f]{1,4}(:[0-9A-Fa-f]{1,4})*)?::([0-9A-Fa-f]{1,4}(:[0-9A-Fa-f]{1,4})*)?$'
+label='[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?'
+dns="^(\*\.)?$label(\.$label)*\$"
 san="DNS:localhost,IP:127.0.0.1"
 for name in "$@"; do
-  if [[ "$name" =~ $ipv4 || "$name" == *:* ]]; then
+  if [[ "$name" =~ $ipv4 || "$name" =~ $ipv6_full ]] ||
+    [[ "$name" =~ $ipv6_short && ${#name} -le 39 ]]; then
     san+=",IP:$name"
-  elif [[ "$name" =~ ^[A-Za-z0-9*]([A-Za-z0-9.-]*[A-Za-z0-9])?$ ]]; then
+  elif [[ "$name" =~ $dns && ${#name} -le 253 && ! "$name" =~ ^[0-9.]+$ ]]; then
     san+=",DNS:$name"
   else
-    echo "error: NAME_OR_IP=$name is not allowed: expected a DNS name or an IP address" >&2
+    printf 'error: NAME_OR_IP=%q is not allowed: expected one DNS name (letters, digits, '"'-'"' and '"'.'"') or one IP address per argument\n' "$name" >&2
     exit 2
   fi
 done
 common_name="${1:-localhost}"
 
-mkdir -p "$out_dir"
+# Build in a private folder beside OUTPUT_DIR (same file system: the moves are
+# renames), removed on any exit, so a failure never leaves a half CA.
+parent="$(dirname "$out_dir")"
+mkdir -p "$parent"
+work="$(mktemp -d "$parent/.generate-certs.XXXXXX")"
+trap 'rm -rf -- "$work"' EXIT
 umask 077 # the private keys are readable by their owner only
 
 # 1. The CA: a self-signed certificate that may sign others (and nothing else).
 openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:P-384 -nodes -sha256 -days "$days" \
-  -keyout "$out_dir/ca.key" -out "$out_dir/ca.crt" \
+  -keyout "$work/ca.key" -out "$work/ca.crt" \
   -subj "/O=flwr-noise/CN=flwr-noise deployment CA" \
   -addext "basicConstraints=critical,CA:TRUE,pathlen:0" \
   -addext "keyUsage=critical,keyCertSign,cRLSign"
 
 # 2. The SuperLink's key and certificate signing request.
 openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-384 -nodes -sha256 \
-  -keyout "$out_dir/server.key" -out "$out_dir/server.csr" \
+  -keyout "$work/server.key" -out "$work/server.csr" \
   -subj "/O=flwr-noise/CN=$common_name"
 
 # 3. The CA signs it, for TLS server use, valid for the names in $san.
-extensions="$out_dir/server.ext"
-cat >"$extensions" <<EOF
-basicConstraints=critical,CA:FALSE
-keyUsage=critical,digitalSignature
-extendedKeyUsage=serverAuth
-subjectAltName=$san
-EOF
-openssl x509 -req -in "$out_dir/server.csr" -CA "$out_dir/ca.crt" \
-  -CAkey "$out_dir/ca.key" -CAcreateserial -sha256 -days "$days" \
-  -extfile "$extensions" -out "$out_dir/server.pem"
-rm -f "$out_dir/server.csr" "$extensions" "$out_dir/ca.srl"
-chmod 644 "$out_dir/ca.crt" "$out_dir/server.pem"
+printf '%s\n' \
+  "basicConstraints=critical,CA:FALSE" \
+  "keyUsage=critical,digitalSignature" \
+  "extendedKeyUsage=serverAuth" \
+  "subjectAltName=$san" >"$work/server.ext"
+openssl x509 -req -in "$work/server.csr" -CA "$work/ca.crt" \
+  -CAkey "$work/ca.key" -CAcreateserial -sha256 -days "$days" \
+  -extfile "$work/server.ext" -out "$work/server.pem"
+chmod 644 "$work/ca.crt" "$work/server.pem"
+openssl verify -CAfile "$work/ca.crt" "$work/server.pem" >/dev/null
 
-openssl verify -CAfile "$out_dir/ca.crt" "$out_dir/server.pem" >/dev/null
+(umask 022 && mkdir -p "$out_dir")
+# ca.key last: it is what marks OUTPUT_DIR as holding a CA.
+for file in server.key server.pem ca.crt ca.key; do
+  mv "$work/$file" "$out_dir/$file"
+done
+
 echo "CA certificate:        $out_dir/ca.crt"
 echo "SuperLink certificate: $out_dir/server.pem (key: $out_dir/server.key)"
 echo "Valid for:             ${san//,/ }"
