@@ -225,7 +225,11 @@ def run_rounds(
         except (AggregationError, InconsistentMessageReplies) as error:
             aggregate, failure = None, f"aggregation failed: {error}"
         if aggregate is None:
-            failure = failure or "no usable train replies"
+            failure = (
+                failure
+                or getattr(strategy, "round_failures", {}).get(server_round)
+                or "no usable train replies"
+            )
         elif (name := first_non_finite(decode_arrays(aggregate))) is not None:
             failure = f"the aggregate's array {name!r} holds NaN or Inf"
         else:

@@ -269,7 +269,7 @@ def cases(tmp: Path) -> dict[str, Case]:
             ValueError,
             "split_seed",
             "-1",
-            "an int >= 0",
+            "an int in [0, 4294967295]",
         ),
         "load_dataset data_dir missing": Case(
             lambda: load_dataset("mnist", str(tmp / "no-such-folder")),

@@ -136,7 +136,7 @@ BAD_VALUES = [
     ("model", 3, TypeError, "expected a str, one of 'linear', 'mlp', 'cnn'"),
     ("dataset", "cifar10", ValueError, "expected one of 'digits', 'mnist'"),
     ("data-dir", None, TypeError, "expected a str"),
-    ("seed", -1, ValueError, "expected an int >= 0"),
+    ("seed", -1, ValueError, "expected an int in [0, 4294967295]"),
     ("seed", 2**32, ValueError, "expected an int in [0, 4294967295]"),
     ("results-dir", "", ValueError, "expected a non-empty str"),
     ("partitioning", "shards", ValueError, "expected one of 'iid', 'dirichlet'"),
