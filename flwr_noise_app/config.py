@@ -47,7 +47,6 @@ RunConfigValue = bool | int | float | str
 # Longest run name: far below every file system's 255-byte limit for the
 # folder, with room for the files and temporary files written inside it.
 MAX_RUN_NAME_LENGTH = 100
-CORRELATIONS = ("independent", "anticorrelated")
 _RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _RUN_NAME_EXPECTED = (
     f"at most {MAX_RUN_NAME_LENGTH} letters, digits, '.', '_' and '-', "
@@ -192,20 +191,6 @@ def _decay_override(label: str, value: Any) -> float | None:
 
 def _decay_to_run_config(value: float | None) -> RunConfigValue:
     return "" if value is None else value
-
-
-def _correlation(label: str, value: Any) -> str:
-    value = check_choice(label, value, CORRELATIONS)
-    if value != "independent" and not _SPEC_HAS_CORRELATION:
-        raise not_allowed(
-            label,
-            value,
-            "'independent': this flwr_noise's NoiseSpec has no 'correlation'",
-        )
-    return value
-
-
-_SPEC_HAS_CORRELATION = "correlation" in {item.name for item in fields(NoiseSpec)}
 
 
 def _patterns_to_run_config(patterns: tuple[str, ...]) -> str:
@@ -358,7 +343,7 @@ class AppConfig:
     aggregation_noise_decay: float | None = _key(
         None, _decay_override, _decay_to_run_config
     )
-    noise_correlation: str = _key("independent", _correlation)
+    noise_correlation: str = _key("independent", _spec_field("correlation"))
 
     def __post_init__(self) -> None:
         for config_field in fields(self):
@@ -433,9 +418,10 @@ class AppConfig:
 
     def local_spec(self) -> NoiseSpec | None:
         """Noise added during local training, or ``None`` when it is off."""
-        extra: dict[str, Any] = {"schedule_unit": self.noise_schedule_unit}
-        if self.noise_correlation != "independent":
-            extra["correlation"] = self.noise_correlation
+        extra: dict[str, Any] = {
+            "schedule_unit": self.noise_schedule_unit,
+            "correlation": self.noise_correlation,
+        }
         return self._noise_spec(
             "local", self.local_noise_std, self.local_noise_decay, extra
         )
