@@ -44,7 +44,6 @@ from __future__ import annotations
 import functools
 import json
 import numbers
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import INFO, WARNING
 from typing import Any
@@ -67,16 +66,15 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 from flwr.supercore import log
-from torch.optim.optimizer import register_optimizer_step_pre_hook
-from torch.utils.hooks import RemovableHandle
 
-from flwr_noise.hook import WeightNoise
-from flwr_noise.mod import noise_metrics, server_round_of
+from flwr_noise.mod import server_round_of, spec_from_wire
 from flwr_noise.sampling import NoiseReport, perturb_arrays
 from flwr_noise.seeding import AGGREGATE_CLIENT, numpy_generator
 from flwr_noise.spec import NoiseSpec
+from flwr_noise.step_noise import StepNoise, noise_metrics
 from flwr_noise.strategy import (
     LOCAL_PREFIX,
+    LOCAL_START_STEP_KEY,
     REPLIES_DROPPED_KEY,
     REPLIES_FAILED_KEY,
     REPLIES_RECEIVED_KEY,
@@ -87,6 +85,7 @@ from flwr_noise.strategy import (
     noise_metric_key,
     signature_mismatch,
 )
+from flwr_noise.validation import check_integer
 
 # A NumPyClient does not know its node id: the strategy sends each client the
 # key of its noise streams beside the local spec.
@@ -150,7 +149,7 @@ def spec_from_legacy_config(
                 f"config[{key!r}]={value!r} is not allowed: expected a JSON list "
                 "of regular expressions, e.g. '[\"bias$\"]'"
             ) from None
-    return NoiseSpec.from_config(record, prefix)
+    return spec_from_wire(record, prefix)
 
 
 def _decode(parameters: Parameters, what: str) -> NDArrays:
@@ -519,82 +518,6 @@ class NoisyLegacyStrategy(Strategy):
 NoisyStrategy = NoisyLegacyStrategy
 
 
-class _OptimizerStepNoise:
-    """While active, adds local noise after every step of the model's optimizers.
-
-    A global optimizer step pre hook sees every optimizer of the process; the
-    first time one whose parameters include one of ``owner.model``'s steps,
-    the :class:`WeightNoise` is attached to it (a step post hook, so the noise
-    follows that very step and every later one). The ``WeightNoise`` is built
-    at the first such step, when the model is on its device and holds the
-    received weights. Other optimizers (e.g. other clients' in other threads)
-    are left alone.
-    """
-
-    def __init__(
-        self,
-        owner: NoisyNumPyClient,
-        spec: NoiseSpec,
-        *,
-        client: int | str,
-        server_round: int,
-        start_step: int,
-    ) -> None:
-        self.owner = owner
-        self.spec = spec
-        self.client = client
-        self.server_round = server_round
-        self.start_step = start_step
-        self.noise: WeightNoise | None = None
-        self._seen: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
-        self._handles: list[RemovableHandle] = []
-
-    def __enter__(self) -> _OptimizerStepNoise:
-        self._handles.append(register_optimizer_step_pre_hook(self._before_step))
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _before_step(
-        self, optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any
-    ) -> None:
-        if optimizer in self._seen:
-            return
-        self._seen.add(optimizer)
-        model = self.owner.model
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(
-                f"{type(self.owner).__name__}.model={model!r} is not allowed: "
-                "expected the torch.nn.Module that fit trains"
-            )
-        model_parameters = {id(parameter) for parameter in model.parameters()}
-        if not any(
-            id(parameter) in model_parameters
-            for group in optimizer.param_groups
-            for parameter in group["params"]
-        ):
-            return
-        if self.noise is None:
-            self.noise = WeightNoise(
-                model,
-                self.spec,
-                client=self.client,
-                server_round=self.server_round,
-                start_step=self.start_step,
-                purpose="local",
-            )
-        self._handles.append(self.noise.attach(optimizer))
-
-    def report(self) -> NoiseReport:
-        """Return what the noise did (zeros if no optimizer stepped the model)."""
-        if self.noise is None:
-            return NoiseReport(sigma=0.0, l2_norm=0.0, numel=0, applications=0)
-        return self.noise.report()
-
-
 def _fit_with_local_noise(fit: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a ``NumPyClient.fit`` so that it trains with the server's local noise."""
 
@@ -609,13 +532,13 @@ def _fit_with_local_noise(fit: Callable[..., Any]) -> Callable[..., Any]:
         if not spec.enabled:
             return fit(self, parameters, config)
         server_round = server_round_of(config)
-        local_steps = self.local_steps or 0
-        step_noise = _OptimizerStepNoise(
-            self,
+        step_noise = StepNoise(
+            lambda: self.model,
             spec,
             client=self._noise_client_key(config),
             server_round=server_round,
-            start_step=max(server_round - 1, 0) * local_steps,
+            start_step=self._local_start_step(config, server_round),
+            model_label=f"{type(self).__name__}.model",
         )
         self._local_noise_active = True
         try:
@@ -750,6 +673,14 @@ class NoisyNumPyClient(NumPyClient):
         fit = cls.__dict__.get("fit")
         if callable(fit) and not getattr(fit, _WRAPPED_FIT_MARK, False):
             cls.fit = _fit_with_local_noise(fit)  # type: ignore[method-assign]
+
+    def _local_start_step(self, config: Mapping[str, Any], server_round: int) -> int:
+        """Return the schedule time of this round's first local step."""
+        if LOCAL_START_STEP_KEY in config:
+            return check_integer(
+                f"config[{LOCAL_START_STEP_KEY!r}]", config[LOCAL_START_STEP_KEY], low=0
+            )
+        return max(server_round - 1, 0) * (self.local_steps or 0)
 
     def _noise_client_key(self, config: Mapping[str, Any]) -> int | str:
         if self.partition_id is not None:
