@@ -67,7 +67,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 from flwr.supercore import log
 
-from flwr_noise.mod import server_round_of, spec_from_wire
+from flwr_noise.mod import add_noise_once, server_round_of, spec_from_wire
 from flwr_noise.sampling import NoiseReport, perturb_arrays
 from flwr_noise.seeding import AGGREGATE_CLIENT, numpy_generator
 from flwr_noise.spec import NoiseSpec
@@ -75,6 +75,7 @@ from flwr_noise.step_noise import StepNoise, noise_metrics
 from flwr_noise.strategy import (
     LOCAL_PREFIX,
     LOCAL_START_STEP_KEY,
+    RECEIVED_PREFIX,
     REPLIES_DROPPED_KEY,
     REPLIES_FAILED_KEY,
     REPLIES_RECEIVED_KEY,
@@ -518,19 +519,33 @@ class NoisyLegacyStrategy(Strategy):
 NoisyStrategy = NoisyLegacyStrategy
 
 
+def _with_metrics(result: Any, added: Mapping[str, float | int]) -> Any:
+    """Return a ``fit`` result with ``added`` in its metrics (if it has any)."""
+    if added and isinstance(result, tuple) and len(result) == 3:
+        new_parameters, num_examples, metrics = result
+        if isinstance(metrics, dict):
+            return new_parameters, num_examples, {**metrics, **added}
+    return result
+
+
 def _fit_with_local_noise(fit: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a ``NumPyClient.fit`` so that it trains with the server's local noise."""
+    """Wrap a ``NumPyClient.fit`` so that it trains with the server's noise."""
 
     @functools.wraps(fit)
     def fit_with_local_noise(
         self: NoisyNumPyClient, parameters: NDArrays, config: dict[str, Scalar]
     ) -> Any:
         # A subclass's fit calling super().fit() is already inside a session.
-        if self._local_noise_active or not NoiseSpec.in_config(config, LOCAL_PREFIX):
+        if self._local_noise_active:
             return fit(self, parameters, config)
-        spec = spec_from_legacy_config(config)
-        if not spec.enabled:
-            return fit(self, parameters, config)
+        parameters, added = self._received_noise(parameters, config)
+        spec = (
+            spec_from_legacy_config(config)
+            if NoiseSpec.in_config(config, LOCAL_PREFIX)
+            else None
+        )
+        if spec is None or not spec.enabled:
+            return _with_metrics(fit(self, parameters, config), added)
         server_round = server_round_of(config)
         step_noise = StepNoise(
             lambda: self.model,
@@ -546,26 +561,14 @@ def _fit_with_local_noise(fit: Callable[..., Any]) -> Callable[..., Any]:
                 result = fit(self, parameters, config)
         finally:
             self._local_noise_active = False
-        report = step_noise.report()
-        if report.applications == 0:
+        if step_noise.report().applications == 0:
             log(
                 WARNING,
                 "%s.fit: no optimizer stepped the parameters of self.model, so no "
                 "local noise was added",
                 type(self).__name__,
             )
-        if (
-            isinstance(result, tuple)
-            and len(result) == 3
-            and isinstance(result[2], dict)
-        ):
-            new_parameters, num_examples, metrics = result
-            result = (
-                new_parameters,
-                num_examples,
-                {**metrics, **noise_metrics(report)},
-            )
-        return result
+        return _with_metrics(result, {**added, **step_noise.metrics()})
 
     setattr(fit_with_local_noise, _WRAPPED_FIT_MARK, True)
     return fit_with_local_noise
@@ -586,7 +589,12 @@ class NoisyNumPyClient(NumPyClient):
     ``self.model``. The fit metrics then get ``noise-local-sigma`` (the last
     application's sigma), ``noise-local-l2`` (L2 norm of all the noise added)
     and ``noise-local-applications``. Without a spec, or with a disabled one,
-    ``fit`` runs unchanged.
+    ``fit`` runs unchanged. A ``received`` spec (under ``noise.received.``)
+    is added once to the ``parameters`` that ``fit`` gets (arrays named after
+    ``self.model.state_dict()`` when the counts match, else ``arr_<i>``), and
+    reported as ``noise-received-sigma``, ``-l2``, ``-applications``. The
+    local ``"step"`` schedule starts at the ``noise.local.start-step`` the
+    server sends, else at ``(server_round - 1) * local_steps``.
 
     This works by wrapping the ``fit`` that a subclass defines when the
     subclass is created; ``evaluate`` and the other methods are untouched.
@@ -673,6 +681,34 @@ class NoisyNumPyClient(NumPyClient):
         fit = cls.__dict__.get("fit")
         if callable(fit) and not getattr(fit, _WRAPPED_FIT_MARK, False):
             cls.fit = _fit_with_local_noise(fit)  # type: ignore[method-assign]
+
+    def _received_noise(
+        self, parameters: NDArrays, config: Mapping[str, Any]
+    ) -> tuple[NDArrays, dict[str, float | int]]:
+        """Return ``parameters`` with the server's ``received`` noise, and its metrics.
+
+        Arrays are named after ``self.model.state_dict()`` when it has one
+        entry per array (as the strategy's ``array_names``), else ``arr_0``,
+        ``arr_1``, ... .
+        """
+        if not NoiseSpec.in_config(config, RECEIVED_PREFIX):
+            return parameters, {}
+        spec = spec_from_legacy_config(config, RECEIVED_PREFIX)
+        if not spec.enabled:
+            return parameters, {}
+        names = [f"arr_{index}" for index in range(len(parameters))]
+        if isinstance(self.model, torch.nn.Module):
+            state_names = list(self.model.state_dict())
+            if len(state_names) == len(parameters):
+                names = state_names
+        perturbed, report = add_noise_once(
+            dict(zip(names, parameters, strict=True)),
+            spec,
+            kind="received",
+            client=self._noise_client_key(config),
+            server_round=server_round_of(config),
+        )
+        return list(perturbed.values()), noise_metrics(report, "noise-received")
 
     def _local_start_step(self, config: Mapping[str, Any], server_round: int) -> int:
         """Return the schedule time of this round's first local step."""

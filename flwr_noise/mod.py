@@ -33,8 +33,10 @@ from dataclasses import dataclass
 from logging import ERROR, INFO
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import (
+    Array,
     ArrayRecord,
     ConfigRecord,
     Context,
@@ -48,7 +50,7 @@ from flwr.common.constant import ErrorCode
 from flwr.supercore import log
 
 from flwr_noise.hook import WeightNoise
-from flwr_noise.sampling import NoiseReport
+from flwr_noise.sampling import NoiseReport, perturb_arrays
 from flwr_noise.seeding import PURPOSES, numpy_generator
 from flwr_noise.spec import NoiseSpec
 from flwr_noise.step_noise import StepNoise, noise_metrics
@@ -61,7 +63,6 @@ from flwr_noise.strategy import (
     decode_arrays,
     first_non_finite,
     noise_metric_prefix,
-    perturb_array_record,
 )
 from flwr_noise.validation import check_integer, is_integer, not_allowed
 
@@ -69,6 +70,7 @@ __all__ = [
     "DEFAULT_METRICS_KEY",
     "PARTITION_ID_KEY",
     "StepNoise",
+    "add_noise_once",
     "client_key",
     "noise_metrics",
     "server_round_of",
@@ -360,58 +362,85 @@ def _multi_record_error(
     )
 
 
-class _SpecFailed(Exception):
-    """Applying a spec from the wire failed: the mod answers with an error reply."""
+# (prefix, stream purpose, older purpose name) of the noise added once per round.
+_ONCE_KINDS = {
+    "received": (RECEIVED_PREFIX, "received", "mod-received"),
+    "update": (UPDATE_PREFIX, "update", "mod-update"),
+}
 
 
-def _perturb_single_array_record(
-    msg: Message,
+def add_noise_once(
+    arrays: Mapping[str, np.ndarray],
     spec: NoiseSpec,
-    prefix: str,
+    *,
+    kind: str,
     client: int | str,
     server_round: int,
-    purpose: str,
-) -> NoiseReport:
-    """Replace the message's only ArrayRecord by a perturbed copy.
+) -> tuple[dict[str, np.ndarray], NoiseReport]:
+    """Return ``arrays`` with the ``received`` or ``update`` noise added once.
+
+    The client side of the once-per-round kinds (the mod, the legacy client):
+    the stream is (seed, client key, round, kind), the schedule time
+    ``server_round - 1``, whatever the unit.
+
+    Parameters
+    ----------
+    arrays : Mapping[str, np.ndarray]
+        The weights, never modified.
+    spec : NoiseSpec
+        The spec the server sent.
+    kind : str
+        ``"received"`` or ``"update"``.
+    client : int | str
+        The client key.
+    server_round : int
+        The round.
+
+    Returns
+    -------
+    tuple[dict[str, np.ndarray], NoiseReport]
+        The perturbed copy (arrays without noise are the same objects) and
+        what was added.
 
     Raises
     ------
-    _SpecFailed
-        If applying the spec fails or gives non-finite weights; the reason
-        names the spec's keys. ``msg`` is then unchanged.
+    ValueError
+        If applying the spec fails or makes a weight non-finite (e.g. a std
+        the dtype cannot hold); the message names the spec's ``std`` key.
 
     """
-    key, record = next(iter(msg.content.array_records.items()))
+    prefix, purpose, older_purpose = _ONCE_KINDS[kind]
+    std_key = f"{prefix}std"
     try:
         rng = numpy_generator(
-            spec.seed, client=client, server_round=server_round, purpose=purpose
+            spec.seed,
+            client=client,
+            server_round=server_round,
+            purpose=_purpose(purpose, older_purpose),
         )
-        # Applied once per round: schedule time server_round - 1, whatever the unit.
         sigma = spec.sigma_at(max(server_round - 1, 0))
-        perturbed, report = perturb_array_record(record, spec, sigma, rng)
-        non_finite = first_non_finite(decode_arrays(perturbed))
+        perturbed, report = perturb_arrays(arrays, spec, sigma, rng)
+        non_finite = first_non_finite(perturbed)
     except Exception as error:  # pylint: disable=broad-exception-caught
-        raise _SpecFailed(
+        raise ValueError(
             f"the noise spec under {prefix!r} could not be applied "
-            f"({type(error).__name__}: {error}); "
-            f"ConfigRecord[{prefix + 'std'!r}]={spec.std!r}"
+            f"({type(error).__name__}: {error}); {std_key}={spec.std!r}"
         ) from error
     if non_finite is not None:
-        raise _SpecFailed(
-            f"the noise spec under {prefix!r} made array {non_finite!r} non-finite: "
-            f"ConfigRecord[{prefix + 'std'!r}]={spec.std!r} is not allowed: "
-            "expected a std the weights' dtype can hold"
+        raise not_allowed(
+            std_key,
+            spec.std,
+            f"a std the weights' dtype can hold (array {non_finite!r} became "
+            "non-finite)",
         )
-    msg.content[key] = perturbed
     log(
         INFO,
-        "%s: %s noise (sigma %.4g, L2 norm %.4g) added",
-        _MOD_NAME,
-        purpose,
+        "flwr-noise: %s noise (sigma %.4g, L2 norm %.4g) added",
+        kind,
         sigma,
         report.l2_norm,
     )
-    return report
+    return perturbed, report
 
 
 def _add_metrics(
@@ -426,13 +455,6 @@ def _add_metrics(
     else:
         out_msg.content[DEFAULT_METRICS_KEY] = MetricRecord(added)
     return out_msg
-
-
-# (prefix, stream purpose, older purpose name) of the noise the mod adds.
-_MOD_KINDS = {
-    "received": (RECEIVED_PREFIX, "received", "mod-received"),
-    "update": (UPDATE_PREFIX, "update", "mod-update"),
-}
 
 
 # pylint: disable=too-many-arguments
@@ -451,18 +473,20 @@ def _add_noise_once(
     """
     if len(target.content.array_records) != 1:
         return _multi_record_error(msg, ArrayRecord, target)
-    prefix, purpose, older_purpose = _MOD_KINDS[kind]
+    key, record = next(iter(target.content.array_records.items()))
+    arrays = decode_arrays(record)
     try:
-        report = _perturb_single_array_record(
-            target,
-            spec,
-            prefix,
-            client,
-            server_round,
-            _purpose(purpose, older_purpose),
+        perturbed, report = add_noise_once(
+            arrays, spec, kind=kind, client=client, server_round=server_round
         )
-    except _SpecFailed as error:
+    except ValueError as error:
         return _error_reply(msg, f"{_MOD_NAME}: {error}")
+    target.content[key] = ArrayRecord(
+        {
+            name: array if perturbed[name] is arrays[name] else Array(perturbed[name])
+            for name, array in record.items()
+        }
+    )
     added.update(noise_metrics(report, noise_metric_prefix(kind)))
     return None
 
