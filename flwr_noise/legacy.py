@@ -528,6 +528,44 @@ def _with_metrics(result: Any, added: Mapping[str, float | int]) -> Any:
     return result
 
 
+def _state_arrays(model: Any) -> list[np.ndarray] | None:
+    if not isinstance(model, torch.nn.Module):
+        return None
+    return [
+        value.detach().cpu().numpy().copy() for value in model.state_dict().values()
+    ]
+
+
+def _without_pending_draw(
+    result: Any, with_pending: list[np.ndarray], model: torch.nn.Module
+) -> Any:
+    """Return ``fit``'s result without the anticorrelated draw it was taken with.
+
+    ``fit`` usually returns the model's ``state_dict`` arrays, taken while the
+    last draw was still in the weights; leaving the session removed it from the
+    model. A returned array equal to the model's array of the same position
+    before that removal is replaced by the array after it.
+    """
+    clean = _state_arrays(model)
+    if clean is None or not (isinstance(result, tuple) and len(result) == 3):
+        return result
+    returned, num_examples, metrics = result
+    if not isinstance(returned, list):
+        return result
+    cleaned = list(returned)
+    for index, (pending, after) in enumerate(zip(with_pending, clean, strict=True)):
+        if index >= len(cleaned):
+            break
+        array = cleaned[index]
+        if (
+            isinstance(array, np.ndarray)
+            and array.shape == pending.shape
+            and np.array_equal(array, pending)
+        ):
+            cleaned[index] = after.astype(array.dtype, copy=False)
+    return cleaned, num_examples, metrics
+
+
 def _fit_with_local_noise(fit: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a ``NumPyClient.fit`` so that it trains with the server's noise."""
 
@@ -555,12 +593,16 @@ def _fit_with_local_noise(fit: Callable[..., Any]) -> Callable[..., Any]:
             start_step=self._local_start_step(config, server_round),
             model_label=f"{type(self).__name__}.model",
         )
+        anticorrelated = getattr(spec, "correlation", None) == "anticorrelated"
         self._local_noise_active = True
         try:
             with step_noise:
                 result = fit(self, parameters, config)
+                with_pending = _state_arrays(self.model) if anticorrelated else None
         finally:
             self._local_noise_active = False
+        if with_pending is not None:
+            result = _without_pending_draw(result, with_pending, self.model)
         if step_noise.report().applications == 0:
             log(
                 WARNING,

@@ -362,3 +362,27 @@ def test_anticorrelated_from_message_and_legacy_client_leave_no_pending_draw() -
     _, _, metrics = client.fit([], config)
     assert metrics["noise-local-applications"] == STEPS_PER_FIT
     assert_clean(client.model, before)
+
+    # What fit returns, taken inside fit (while the draw was pending), is clean.
+    client = WeightsClient(make_model(), partition_id=0)
+    before = parameters_of(client.model)
+    returned, _, _ = client.fit([], config)
+    assert client.had_pending, "the noise did nothing during fit"
+    for got, expected in zip(returned, before, strict=True):
+        np.testing.assert_allclose(got, expected.numpy(), rtol=0, atol=1e-6)
+
+
+class WeightsClient(NoisyNumPyClient):
+    """Returns the model's weights as a NumPyClient does, from inside fit."""
+
+    def fit(self, parameters, config):  # type: ignore[override]
+        before = parameters_of(self.model)
+        step_model(self.model)
+        weights = [
+            v.detach().cpu().numpy().copy() for v in self.model.state_dict().values()
+        ]
+        self.had_pending = any(
+            not np.array_equal(w, b.numpy())
+            for w, b in zip(weights, before, strict=True)
+        )
+        return weights, 1, {}
