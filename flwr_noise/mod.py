@@ -238,7 +238,10 @@ def weight_noise_from_message(
 
     Build it after the model is on its device and holds the received weights.
     If the optimizer is created inside your training function, use
-    :func:`weight_noise` instead.
+    :func:`weight_noise` instead. With an anticorrelated spec, remove the
+    handle ``attach`` returned before the model is sent back: that removes the
+    last draw, which is still pending in the weights (``weight_noise`` does it
+    on exit).
 
     Parameters
     ----------
