@@ -44,7 +44,6 @@ from __future__ import annotations
 import functools
 import json
 import numbers
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import WARNING
 from typing import Any
@@ -67,13 +66,12 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 from flwr.supercore import log
-from torch.optim.optimizer import register_optimizer_step_pre_hook
-from torch.utils.hooks import RemovableHandle
 
-from flwr_noise.hook import WeightNoise
-from flwr_noise.mod import noise_metrics, server_round_of
+from flwr_noise.mod import add_noise_once, server_round_of, spec_from_wire
 from flwr_noise.rounds import (
     LOCAL_PREFIX,
+    LOCAL_START_STEP_KEY,
+    RECEIVED_PREFIX,
     REPLIES_FAILED_KEY,
     SERVER_ROUND_KEY,
     NoiseRounds,
@@ -83,9 +81,9 @@ from flwr_noise.rounds import (
     metric_kind,
     noise_metric_key,
 )
-from flwr_noise.sampling import NoiseReport
 from flwr_noise.spec import NoiseSpec
-from flwr_noise.validation import is_real, not_allowed
+from flwr_noise.step_noise import StepNoise, noise_metrics
+from flwr_noise.validation import check_integer, is_real, not_allowed
 
 # A NumPyClient does not know its node id: the strategy sends each client the
 # key of its noise streams beside the local spec.
@@ -149,7 +147,7 @@ def spec_from_legacy_config(
                 f"config[{key!r}]={value!r} is not allowed: expected a JSON list "
                 "of regular expressions, e.g. '[\"bias$\"]'"
             ) from None
-    return NoiseSpec.from_config(record, prefix)
+    return spec_from_wire(record, prefix)
 
 
 def _decode(parameters: Parameters, what: str) -> NDArrays:
@@ -459,130 +457,98 @@ class NoisyLegacyStrategy(NoiseRoundsView, Strategy):
 NoisyStrategy = NoisyLegacyStrategy
 
 
-class _OptimizerStepNoise:
-    """While active, adds local noise after every step of the model's optimizers.
+def _with_metrics(result: Any, added: Mapping[str, float | int]) -> Any:
+    """Return a ``fit`` result with ``added`` in its metrics (if it has any)."""
+    if added and isinstance(result, tuple) and len(result) == 3:
+        new_parameters, num_examples, metrics = result
+        if isinstance(metrics, dict):
+            return new_parameters, num_examples, {**metrics, **added}
+    return result
 
-    A global optimizer step pre hook sees every optimizer of the process; the
-    first time one whose parameters include one of ``owner.model``'s steps,
-    the :class:`WeightNoise` is attached to it (a step post hook, so the noise
-    follows that very step and every later one). The ``WeightNoise`` is built
-    at the first such step, when the model is on its device and holds the
-    received weights. Other optimizers (e.g. other clients' in other threads)
-    are left alone.
+
+def _state_arrays(model: Any) -> list[np.ndarray] | None:
+    if not isinstance(model, torch.nn.Module):
+        return None
+    return [
+        value.detach().cpu().numpy().copy() for value in model.state_dict().values()
+    ]
+
+
+def _without_pending_draw(
+    result: Any, with_pending: list[np.ndarray], model: torch.nn.Module
+) -> Any:
+    """Return ``fit``'s result without the anticorrelated draw it was taken with.
+
+    ``fit`` usually returns the model's ``state_dict`` arrays, taken while the
+    last draw was still in the weights; leaving the session removed it from the
+    model. A returned array equal to the model's array of the same position
+    before that removal is replaced by the array after it.
     """
-
-    def __init__(
-        self,
-        owner: NoisyNumPyClient,
-        spec: NoiseSpec,
-        *,
-        client: int | str,
-        server_round: int,
-        start_step: int,
-    ) -> None:
-        self.owner = owner
-        self.spec = spec
-        self.client = client
-        self.server_round = server_round
-        self.start_step = start_step
-        self.noise: WeightNoise | None = None
-        self._seen: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
-        self._handles: list[RemovableHandle] = []
-
-    def __enter__(self) -> _OptimizerStepNoise:
-        self._handles.append(register_optimizer_step_pre_hook(self._before_step))
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _before_step(
-        self, optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any
-    ) -> None:
-        if optimizer in self._seen:
-            return
-        self._seen.add(optimizer)
-        model = self.owner.model
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(
-                f"{type(self.owner).__name__}.model={model!r} is not allowed: "
-                "expected the torch.nn.Module that fit trains"
-            )
-        model_parameters = {id(parameter) for parameter in model.parameters()}
-        if not any(
-            id(parameter) in model_parameters
-            for group in optimizer.param_groups
-            for parameter in group["params"]
+    clean = _state_arrays(model)
+    if clean is None or not (isinstance(result, tuple) and len(result) == 3):
+        return result
+    returned, num_examples, metrics = result
+    if not isinstance(returned, list):
+        return result
+    cleaned = list(returned)
+    for index, (pending, after) in enumerate(zip(with_pending, clean, strict=True)):
+        if index >= len(cleaned):
+            break
+        array = cleaned[index]
+        if (
+            isinstance(array, np.ndarray)
+            and array.shape == pending.shape
+            and np.array_equal(array, pending)
         ):
-            return
-        if self.noise is None:
-            self.noise = WeightNoise(
-                model,
-                self.spec,
-                client=self.client,
-                server_round=self.server_round,
-                start_step=self.start_step,
-                purpose="local",
-            )
-        self._handles.append(self.noise.attach(optimizer))
-
-    def report(self) -> NoiseReport:
-        """Return what the noise did (zeros if no optimizer stepped the model)."""
-        if self.noise is None:
-            return NoiseReport(sigma=0.0, l2_norm=0.0, numel=0, applications=0)
-        return self.noise.report()
+            cleaned[index] = after.astype(array.dtype, copy=False)
+    return cleaned, num_examples, metrics
 
 
 def _fit_with_local_noise(fit: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a ``NumPyClient.fit`` so that it trains with the server's local noise."""
+    """Wrap a ``NumPyClient.fit`` so that it trains with the server's noise."""
 
     @functools.wraps(fit)
     def fit_with_local_noise(
         self: NoisyNumPyClient, parameters: NDArrays, config: dict[str, Scalar]
     ) -> Any:
         # A subclass's fit calling super().fit() is already inside a session.
-        if self._local_noise_active or not NoiseSpec.in_config(config, LOCAL_PREFIX):
+        if self._local_noise_active:
             return fit(self, parameters, config)
-        spec = spec_from_legacy_config(config)
-        if not spec.enabled:
-            return fit(self, parameters, config)
+        parameters, added = self._received_noise(parameters, config)
+        spec = (
+            spec_from_legacy_config(config)
+            if NoiseSpec.in_config(config, LOCAL_PREFIX)
+            else None
+        )
+        if spec is None or not spec.enabled:
+            return _with_metrics(fit(self, parameters, config), added)
         server_round = server_round_of(config)
-        local_steps = self.local_steps or 0
-        step_noise = _OptimizerStepNoise(
-            self,
+        step_noise = StepNoise(
+            lambda: self.model,
             spec,
             client=self._noise_client_key(config),
             server_round=server_round,
-            start_step=max(server_round - 1, 0) * local_steps,
+            start_step=self._local_start_step(config, server_round),
+            model_label=f"{type(self).__name__}.model",
         )
+        anticorrelated = getattr(spec, "correlation", None) == "anticorrelated"
         self._local_noise_active = True
         try:
             with step_noise:
                 result = fit(self, parameters, config)
+                with_pending = _state_arrays(self.model) if anticorrelated else None
         finally:
             self._local_noise_active = False
-        report = step_noise.report()
-        if report.applications == 0:
+        if with_pending is not None:
+            result = _without_pending_draw(result, with_pending, self.model)
+        if step_noise.report().applications == 0:
             log(
                 WARNING,
                 "%s.fit: no optimizer stepped the parameters of self.model, so no "
                 "local noise was added",
                 type(self).__name__,
             )
-        if (
-            isinstance(result, tuple)
-            and len(result) == 3
-            and isinstance(result[2], dict)
-        ):
-            new_parameters, num_examples, metrics = result
-            result = (
-                new_parameters,
-                num_examples,
-                {**metrics, **noise_metrics(report)},
-            )
-        return result
+        return _with_metrics(result, {**added, **step_noise.metrics()})
 
     setattr(fit_with_local_noise, _WRAPPED_FIT_MARK, True)
     return fit_with_local_noise
@@ -603,7 +569,12 @@ class NoisyNumPyClient(NumPyClient):
     ``self.model``. The fit metrics then get ``noise-local-sigma`` (the last
     application's sigma), ``noise-local-l2`` (L2 norm of all the noise added)
     and ``noise-local-applications``. Without a spec, or with a disabled one,
-    ``fit`` runs unchanged.
+    ``fit`` runs unchanged. A ``received`` spec (under ``noise.received.``)
+    is added once to the ``parameters`` that ``fit`` gets (arrays named after
+    ``self.model.state_dict()`` when the counts match, else ``arr_<i>``), and
+    reported as ``noise-received-sigma``, ``-l2``, ``-applications``. The
+    local ``"step"`` schedule starts at the ``noise.local.start-step`` the
+    server sends, else at ``(server_round - 1) * local_steps``.
 
     This works by wrapping the ``fit`` that a subclass defines when the
     subclass is created; ``evaluate`` and the other methods are untouched.
@@ -690,6 +661,42 @@ class NoisyNumPyClient(NumPyClient):
         fit = cls.__dict__.get("fit")
         if callable(fit) and not getattr(fit, _WRAPPED_FIT_MARK, False):
             cls.fit = _fit_with_local_noise(fit)  # type: ignore[method-assign]
+
+    def _received_noise(
+        self, parameters: NDArrays, config: Mapping[str, Any]
+    ) -> tuple[NDArrays, dict[str, float | int]]:
+        """Return ``parameters`` with the server's ``received`` noise, and its metrics.
+
+        Arrays are named after ``self.model.state_dict()`` when it has one
+        entry per array (as the strategy's ``array_names``), else ``arr_0``,
+        ``arr_1``, ... .
+        """
+        if not NoiseSpec.in_config(config, RECEIVED_PREFIX):
+            return parameters, {}
+        spec = spec_from_legacy_config(config, RECEIVED_PREFIX)
+        if not spec.enabled:
+            return parameters, {}
+        names = [f"arr_{index}" for index in range(len(parameters))]
+        if isinstance(self.model, torch.nn.Module):
+            state_names = list(self.model.state_dict())
+            if len(state_names) == len(parameters):
+                names = state_names
+        perturbed, report = add_noise_once(
+            dict(zip(names, parameters, strict=True)),
+            spec,
+            kind="received",
+            client=self._noise_client_key(config),
+            server_round=server_round_of(config),
+        )
+        return list(perturbed.values()), noise_metrics(report, "noise-received")
+
+    def _local_start_step(self, config: Mapping[str, Any], server_round: int) -> int:
+        """Return the schedule time of this round's first local step."""
+        if LOCAL_START_STEP_KEY in config:
+            return check_integer(
+                f"config[{LOCAL_START_STEP_KEY!r}]", config[LOCAL_START_STEP_KEY], low=0
+            )
+        return max(server_round - 1, 0) * (self.local_steps or 0)
 
     def _noise_client_key(self, config: Mapping[str, Any]) -> int | str:
         if self.partition_id is not None:

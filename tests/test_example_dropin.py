@@ -127,6 +127,27 @@ def test_the_change_adds_a_few_lines_to_the_apps() -> None:
     assert removed <= MAX_REMOVED_PYTHON_LINES
 
 
+def test_train_creates_its_own_optimizer_as_in_flowers_quickstart() -> None:
+    """The layout of quickstart-pytorch: ``weight_noise`` must find the optimizer."""
+    task = (BEFORE_DIR / PACKAGE / "task.py").read_text()
+    signature = re.search(r"^def train\((.*?)\) -> float:", task, re.S | re.M)
+    assert signature is not None
+    parameters = [line.split(":")[0].strip() for line in signature[1].split(",")]
+    assert parameters[:5] == ["net", "trainloader", "epochs", "lr", "device"]
+    assert "optimizer = torch.optim." in task
+    for app_dir in (BEFORE_DIR, AFTER_DIR):
+        assert "torch.optim" not in (app_dir / PACKAGE / "client_app.py").read_text()
+
+
+def test_requirements_are_ranges_that_include_flower_1_42() -> None:
+    for app_dir in (BEFORE_DIR, AFTER_DIR):
+        pyproject = (app_dir / "pyproject.toml").read_text()
+        dependencies = pyproject.split("dependencies = [")[1].split("]\n")[0]
+        assert '"flwr[simulation]>=1.39,<1.43"' in dependencies
+        assert '"torch>=2.4"' in dependencies
+        assert "==" not in dependencies
+
+
 def test_readme_shows_the_real_diff_of_the_two_folders() -> None:
     assert readme_diff() == folder_diff(BEFORE_DIR, AFTER_DIR)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -39,6 +40,7 @@ from flwr_noise.legacy import (
     spec_from_legacy_config,
     spec_to_legacy_config,
 )
+from flwr_noise.mod import add_noise_once
 from flwr_noise.sampling import perturb_arrays
 from flwr_noise.seeding import numpy_generator
 from flwr_noise.spec import NoiseSpec
@@ -723,3 +725,66 @@ def test_a_decaying_step_schedule_without_local_steps_is_refused() -> None:
     spec = NoiseSpec(std=0.1, schedule="polynomial")
     with pytest.raises(ValueError, match="local_steps=None is not allowed"):
         NoisyLegacyStrategy(fedavg(), local=spec)
+
+
+class ReceivingClient(StepClient):
+    """Records the parameters fit receives, then steps like StepClient."""
+
+    def fit(self, parameters, config):  # type: ignore[override]
+        self.received = [array.copy() for array in parameters]
+        return super().fit(parameters, config)
+
+
+def test_client_adds_the_received_noise_once_to_the_parameters() -> None:
+    spec = NoiseSpec(std=0.05, seed=3, exclude=(r"running|num_batches",))
+    client = ReceivingClient(steps=1, partition_id=2)
+    sent = model_weights(client.model)
+    config = {**spec_to_legacy_config(spec, RECEIVED_PREFIX), "server-round": 3}
+
+    _, _, metrics = client.fit(sent, config)
+
+    names = list(client.model.state_dict())
+    expected, report = add_noise_once(
+        dict(zip(names, sent, strict=True)),
+        spec,
+        kind="received",
+        client=2,
+        server_round=3,
+    )
+    assert_same_arrays(client.received, list(expected.values()))
+    assert not np.array_equal(client.received[0], sent[0])
+    # Statistics are not perturbed: selected by the state_dict names.
+    for name, got, original in zip(names, client.received, sent, strict=True):
+        if "running" in name or "num_batches" in name:
+            np.testing.assert_array_equal(got, original)
+    assert metrics["noise-received-sigma"] == pytest.approx(0.05)
+    assert metrics["noise-received-l2"] == pytest.approx(report.l2_norm)
+    assert metrics["noise-received-applications"] == 1
+    assert "noise-local-applications" not in metrics
+
+
+def test_client_continues_the_schedule_from_the_server_sent_start_step() -> None:
+    spec = NoiseSpec(std=0.1, schedule="exponential", decay=0.5, seed=0)
+    config = local_config(spec, server_round=4, **{LOCAL_START_STEP_KEY: 9})
+    _, _, metrics = StepClient(steps=3, partition_id=0).fit([], config)
+    # Steps 9, 10, 11: no local_steps needed on the client.
+    assert metrics["noise-local-sigma"] == pytest.approx(spec.sigma_at(11))
+
+
+@pytest.mark.parametrize(
+    ("prefix", "entries", "key"),
+    [
+        (RECEIVED_PREFIX, {"std": 1e300, "distribution": "uniform"}, "std"),
+        (RECEIVED_PREFIX, {"std": float("nan")}, "std"),
+        (LOCAL_PREFIX, {"include": '["a{99999999999}"]'}, ""),
+        (LOCAL_PREFIX, {"mode": 7}, "mode"),
+    ],
+)
+def test_client_hostile_spec_raises_naming_the_key(
+    prefix: str, entries: dict[str, object], key: str
+) -> None:
+    config = {**spec_to_legacy_config(NoiseSpec(std=0.1), prefix), "server-round": 1}
+    config.update({prefix + name: value for name, value in entries.items()})
+    client = ReceivingClient(partition_id=0)
+    with pytest.raises((TypeError, ValueError), match=re.escape(prefix + key)):
+        client.fit(model_weights(client.model), config)

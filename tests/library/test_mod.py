@@ -17,30 +17,53 @@ from fakes import (
     train_message,
     train_reply,
 )
-from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import FedAvg
 
 from flwr_noise.hook import WeightNoise
-from flwr_noise.mod import noise_metrics, weight_noise_from_message, weight_noise_mod
+from flwr_noise.mod import (
+    noise_metrics,
+    weight_noise,
+    weight_noise_from_message,
+    weight_noise_mod,
+)
 from flwr_noise.sampling import NoiseReport, perturb_arrays
-from flwr_noise.seeding import numpy_generator
+from flwr_noise.seeding import PURPOSES, numpy_generator
 from flwr_noise.spec import NoiseSpec
-from flwr_noise.strategy import LOCAL_PREFIX, UPDATE_PREFIX, NoisyStrategy
+from flwr_noise.strategy import (
+    LOCAL_PREFIX,
+    RECEIVED_PREFIX,
+    UPDATE_PREFIX,
+    NoisyStrategy,
+)
 
 LARGE_SHAPES = {"w": (300, 300), "b": (300,)}
 NODE_ID = 1003
 PARTITION_ID = 2
+# The stream purposes of the mod ("mod-received" / "mod-update" before the rename).
+RECEIVED_PURPOSE = "received" if "received" in PURPOSES else "mod-received"
+UPDATE_PURPOSE = "update" if "update" in PURPOSES else "mod-update"
 
 
 def spec_config(
     server_round: int = 2,
     local: NoiseSpec | None = None,
     update: NoiseSpec | None = None,
+    received: NoiseSpec | None = None,
 ) -> dict[str, object]:
     config: dict[str, object] = {"server-round": server_round, "lr": 0.1}
     if local is not None:
         config.update(local.to_config(LOCAL_PREFIX))
+    if received is not None:
+        config.update(received.to_config(RECEIVED_PREFIX))
     if update is not None:
         config.update(update.to_config(UPDATE_PREFIX))
     return config
@@ -66,7 +89,11 @@ class InnerApp:
 def test_non_train_messages_pass_through_untouched(message_type: str) -> None:
     sent = random_arrays(LARGE_SHAPES)
     update = NoiseSpec(std=0.1, seed=0)
-    config = spec_config(local=NoiseSpec(std=0.1, seed=0), update=update)
+    config = spec_config(
+        local=NoiseSpec(std=0.1, seed=0),
+        received=NoiseSpec(std=0.1, seed=0),
+        update=update,
+    )
     msg = train_message(NODE_ID, sent, config, message_type=message_type)
     inner = InnerApp()
 
@@ -81,59 +108,96 @@ def test_non_train_messages_pass_through_untouched(message_type: str) -> None:
     assert dict(out.content["metrics"]) == {"num-examples": 10, "loss": 0.5}
 
 
-def test_train_message_without_spec_passes_through() -> None:
+@pytest.mark.parametrize(
+    "config",
+    [spec_config(), spec_config(local=NoiseSpec(std=0.1, seed=0))],
+    ids=["no-spec", "local-spec-only"],
+)
+def test_train_message_without_mod_noise_passes_through_untouched(
+    config: dict[str, object],
+) -> None:
     sent = random_arrays(LARGE_SHAPES)
-    msg = train_message(NODE_ID, sent, spec_config())
-    inner = InnerApp()
+    msg = train_message(NODE_ID, sent, config)
+    # Records the mod would refuse if it had noise to add: none is asked for.
+    msg.content["more-arrays"] = array_record(random_arrays({"w": (3,)}))
+    msg.content["more-config"] = ConfigRecord({"x": 1})
+    content_before = dict(msg.content.items())
+    seen: list[Message] = []
+
+    def inner(received: Message, ctxt: Context) -> Message:
+        seen.append(received)
+        return train_reply(received, record_arrays(received.content["arrays"]))
+
     out = weight_noise_mod(msg, make_context(NODE_ID, PARTITION_ID), inner)
-    assert out is inner.reply
-    assert dict(out.content["metrics"]) == {"num-examples": 10, "loss": 0.5}
-    np.testing.assert_array_equal(inner.calls[0][0]["w"], sent["w"])
+
+    assert seen == [msg]
+    assert dict(msg.content.items()) == content_before
+    assert dict(msg.content["config"]) == config
+    np.testing.assert_array_equal(record_arrays(msg.content["arrays"])["w"], sent["w"])
+    assert not out.has_error()
+    assert dict(out.content["metrics"]) == {"num-examples": 10}
 
 
-def test_received_arrays_are_perturbed_once_and_spec_is_removed() -> None:
+def test_received_arrays_are_perturbed_once_and_config_is_untouched() -> None:
     sigma = 0.04
-    local = NoiseSpec(std=sigma, seed=5, exclude=(r"^b$",))
+    received_spec = NoiseSpec(std=sigma, seed=5, exclude=(r"^b$",))
+    local = NoiseSpec(std=0.5, seed=5)
     sent = random_arrays(LARGE_SHAPES)
-    msg = train_message(NODE_ID, sent, spec_config(server_round=3, local=local))
+    config = spec_config(server_round=3, local=local, received=received_spec)
+    msg = train_message(NODE_ID, sent, config)
     inner = InnerApp()
 
     out = weight_noise_mod(msg, make_context(NODE_ID, PARTITION_ID), inner)
 
     assert len(inner.calls) == 1
     received, seen_config = inner.calls[0]
-    assert seen_config == {"server-round": 3, "lr": 0.1}
+    # The local spec is noise during training: passed on for weight_noise().
+    assert seen_config == config
     np.testing.assert_array_equal(received["b"], sent["b"])
     diff = received["w"].astype(np.float64) - sent["w"]
     assert abs(diff.mean()) < 5 * sigma / math.sqrt(diff.size)
     assert diff.std() == pytest.approx(sigma, rel=0.02)
     # Exactly the client's own stream: (seed, partition id, round, purpose).
     rng = numpy_generator(
-        5, client=PARTITION_ID, server_round=3, purpose="mod-received"
+        5, client=PARTITION_ID, server_round=3, purpose=RECEIVED_PURPOSE
     )
-    expected, _ = perturb_arrays(sent, local, sigma, rng)
+    expected, _ = perturb_arrays(sent, received_spec, sigma, rng)
     np.testing.assert_array_equal(received["w"], expected["w"])
 
     metrics = out.content["metrics"]
     assert metrics["noise-received-sigma"] == sigma
     assert metrics["noise-received-l2"] == pytest.approx(np.linalg.norm(diff), rel=1e-6)
+    applications = metrics["noise-received-applications"]
+    assert applications == 1 and isinstance(applications, int)
     assert metrics["num-examples"] == 10
     assert "noise-update-sigma" not in metrics
+    assert not any(key.startswith("noise-local") for key in metrics)
 
 
-def test_local_spec_is_not_applied_twice_by_a_hook_in_the_inner_app() -> None:
+def test_local_spec_is_noise_during_training_also_behind_the_mod() -> None:
     local = NoiseSpec(std=0.1, seed=0)
-    msg = train_message(
-        NODE_ID, random_arrays({"weight": (2, 3)}), spec_config(local=local)
-    )
-    built: list[WeightNoise | None] = []
+    sent = {"weight": np.zeros((2, 3), np.float32)}
+    msg = train_message(NODE_ID, sent, spec_config(local=local))
+    steps = 4
+    received: list[np.ndarray] = []
 
     def inner(msg: Message, ctxt: Context) -> Message:
-        built.append(weight_noise_from_message(torch.nn.Linear(3, 2), msg, ctxt))
-        return train_reply(msg, record_arrays(msg.content["arrays"]))
+        model = torch.nn.Linear(3, 2, bias=False)
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        received.append(model.weight.detach().numpy().copy())
+        with weight_noise(model, msg, ctxt) as noise:
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+            for _ in range(steps):
+                optimizer.step()
+        return train_reply(
+            msg, {"weight": model.weight.detach().numpy()}, 10, noise.metrics()
+        )
 
-    weight_noise_mod(msg, make_context(NODE_ID, PARTITION_ID), inner)
-    assert built == [None]
+    out = weight_noise_mod(msg, make_context(NODE_ID, PARTITION_ID), inner)
+
+    np.testing.assert_array_equal(received[0], sent["weight"])
+    assert out.content["metrics"]["noise-local-applications"] == steps
+    assert "noise-received-sigma" not in out.content["metrics"]
 
 
 def test_update_noise_is_added_to_the_reply() -> None:
@@ -163,7 +227,7 @@ def test_update_noise_is_added_to_the_reply() -> None:
 
 
 def test_error_from_the_inner_app_is_passed_through() -> None:
-    config = spec_config(local=NoiseSpec(std=0.1, seed=0), update=NoiseSpec(std=0.1))
+    config = spec_config(received=NoiseSpec(std=0.1, seed=0), update=NoiseSpec(std=0.1))
     msg = train_message(NODE_ID, random_arrays(LARGE_SHAPES), config)
     replies: list[Message] = []
 
@@ -176,8 +240,8 @@ def test_error_from_the_inner_app_is_passed_through() -> None:
     assert out.error.reason == "out of memory"
 
 
-def test_several_array_or_config_records_get_an_error_reply() -> None:
-    config = spec_config(local=NoiseSpec(std=0.1, seed=0))
+def test_several_array_records_get_an_error_reply() -> None:
+    config = spec_config(received=NoiseSpec(std=0.1, seed=0))
     msg = train_message(NODE_ID, random_arrays({"w": (3,)}), config)
     msg.content["more-arrays"] = array_record(random_arrays({"w": (3,)}))
     inner = InnerApp()
@@ -189,14 +253,25 @@ def test_several_array_or_config_records_get_an_error_reply() -> None:
     assert out.metadata.dst_node_id == msg.metadata.src_node_id
 
 
+def test_several_config_records_with_a_spec_get_an_error_reply() -> None:
+    config = spec_config(update=NoiseSpec(std=0.1, seed=0))
+    msg = train_message(NODE_ID, random_arrays({"w": (3,)}), config)
+    msg.content["more-config"] = ConfigRecord(dict(config))  # type: ignore[arg-type]
+    inner = InnerApp()
+    out = weight_noise_mod(msg, make_context(NODE_ID), inner)
+    assert out.has_error()
+    assert "ConfigRecord" in out.error.reason
+    assert inner.calls == []
+
+
 def test_invalid_spec_gets_an_error_reply_naming_the_key() -> None:
-    config = spec_config(local=NoiseSpec(std=0.1, seed=0))
-    config["noise.local.distribution"] = "cauchy"
+    config = spec_config(received=NoiseSpec(std=0.1, seed=0))
+    config["noise.received.distribution"] = "cauchy"
     msg = train_message(NODE_ID, random_arrays({"w": (3,)}), config)
     inner = InnerApp()
     out = weight_noise_mod(msg, make_context(NODE_ID), inner)
     assert out.has_error()
-    assert "noise.local.distribution" in out.error.reason
+    assert "noise.received.distribution" in out.error.reason
     assert inner.calls == []
 
 
@@ -248,8 +323,9 @@ def test_noise_metrics_names_and_values() -> None:
     assert noise_metrics(report) == {
         "noise-local-sigma": 0.1,
         "noise-local-l2": 2.5,
-        "noise-local-applications": 3.0,
+        "noise-local-applications": 3,
     }
+    assert isinstance(noise_metrics(report)["noise-local-applications"], int)
     assert set(noise_metrics(report, "noise-x")) == {
         "noise-x-sigma",
         "noise-x-l2",
@@ -271,6 +347,14 @@ def test_reply_without_metric_record_gets_one() -> None:
     assert out.content["metrics"]["noise-update-sigma"] == 0.1
 
 
+class WeightOnly(torch.nn.Module):
+    """A model whose only parameter is called ``w``, like the fake arrays."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(shape))
+
+
 def test_mod_and_strategy_together_over_a_fake_grid() -> None:
     node_to_partition = {1001: 0, 1002: 1, 1003: 2}
     strategy = NoisyStrategy(
@@ -279,6 +363,7 @@ def test_mod_and_strategy_together_over_a_fake_grid() -> None:
         update=NoiseSpec(std=0.01, seed=1),
         client_key_fn=node_to_partition.__getitem__,
     )
+    steps = 3
     seen_configs: list[dict[str, object]] = []
 
     def inner(msg: Message, ctxt: Context) -> Message:
@@ -286,7 +371,14 @@ def test_mod_and_strategy_together_over_a_fake_grid() -> None:
             metrics = MetricRecord({"num-examples": 5, "loss": 1.0})
             return Message(RecordDict({"metrics": metrics}), reply_to=msg)
         seen_configs.append(dict(msg.content["config"]))
-        return train_reply(msg, record_arrays(msg.content["arrays"]), 10)
+        model = WeightOnly((50, 40))
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        with weight_noise(model, msg, ctxt) as noise:
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+            for _ in range(steps):
+                optimizer.step()
+        trained = {"w": model.w.detach().numpy()}
+        return train_reply(msg, trained, 10, noise.metrics())
 
     def client_app(msg: Message) -> Message:
         node_id = msg.metadata.dst_node_id
@@ -301,12 +393,14 @@ def test_mod_and_strategy_together_over_a_fake_grid() -> None:
     )
 
     assert len(seen_configs) == 6
-    assert not any(key.startswith(LOCAL_PREFIX) for c in seen_configs for key in c)
+    assert all(LOCAL_PREFIX + "std" in config for config in seen_configs)
     for server_round in (1, 2):
         metrics = result.train_metrics_clientapp[server_round]
-        assert metrics["noise-received-sigma"] == pytest.approx(0.02)
-        assert metrics["noise-update-sigma"] == pytest.approx(0.01)
         assert metrics["noise-local-sigma"] == pytest.approx(0.02)
+        assert metrics["noise-local-applications"] == steps
+        assert metrics["noise-update-sigma"] == pytest.approx(0.01)
+        assert metrics["noise-update-applications"] == 1
+        assert "noise-received-sigma" not in metrics
         assert metrics["replies-dropped"] == 0
     # The model moved by the clients' noise only (the inner app trains nothing).
     change = record_arrays(result.arrays)["w"] - initial["w"]

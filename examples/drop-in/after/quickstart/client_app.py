@@ -4,7 +4,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from flwr_noise.mod import noise_metrics, weight_noise_from_message
+from flwr_noise import weight_noise
 from quickstart.task import Net, load_data
 from quickstart.task import test as test_fn
 from quickstart.task import train as train_fn
@@ -21,11 +21,6 @@ def train(msg: Message, context: Context) -> Message:
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=msg.content["config"]["lr"])
-    # Add the noise the server sent after every optimizer step
-    noise = weight_noise_from_message(model, msg, context)
-    if noise is not None:
-        noise.attach(optimizer)
 
     # Load the data
     partition_id = context.node_config["partition-id"]
@@ -34,15 +29,16 @@ def train(msg: Message, context: Context) -> Message:
     trainloader, _ = load_data(partition_id, num_partitions, batch_size)
 
     # Call the training function
-    train_loss = train_fn(
-        model, trainloader, optimizer, context.run_config["local-epochs"], device
-    )
+    epochs = context.run_config["local-epochs"]
+    lr = msg.content["config"]["lr"]
+    # Inside the block, the noise the server sent follows every optimizer step
+    with weight_noise(model, msg, context) as noise:
+        train_loss = train_fn(model, trainloader, epochs, lr, device)
 
     # Construct and return reply Message
     model_record = ArrayRecord(model.state_dict())
     metrics = {"train_loss": train_loss, "num-examples": len(trainloader.dataset)}
-    if noise is not None:
-        metrics.update(noise_metrics(noise.report()))
+    metrics.update(noise.metrics())  # noise-local-sigma, -l2, -applications
     metric_record = MetricRecord(metrics)
     content = RecordDict({"arrays": model_record, "metrics": metric_record})
     return Message(content=content, reply_to=msg)
@@ -61,16 +57,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     partition_id = context.node_config["partition-id"]
     num_partitions = context.node_config["num-partitions"]
     batch_size = context.run_config["batch-size"]
-    _, testloader = load_data(partition_id, num_partitions, batch_size)
+    _, valloader = load_data(partition_id, num_partitions, batch_size)
 
     # Call the evaluation function
-    eval_loss, eval_acc = test_fn(model, testloader, device)
+    eval_loss, eval_acc = test_fn(model, valloader, device)
 
     # Construct and return reply Message
     metrics = {
         "eval_loss": eval_loss,
         "eval_acc": eval_acc,
-        "num-examples": len(testloader.dataset),
+        "num-examples": len(valloader.dataset),
     }
     metric_record = MetricRecord(metrics)
     content = RecordDict({"metrics": metric_record})

@@ -5,8 +5,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from flwr_noise import NoiseSpec
-from flwr_noise.strategy import NoisyStrategy
+from flwr_noise import NoiseSpec, NoisyStrategy
 from quickstart.task import Net
 
 # Create ServerApp
@@ -17,28 +16,28 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run federated training and save the final model."""
     # Read the run config
-    fraction_train: float = context.run_config["fraction-train"]
+    fraction_evaluate: float = context.run_config["fraction-evaluate"]
     num_rounds: int = context.run_config["num-server-rounds"]
     lr: float = context.run_config["learning-rate"]
     seed: int = context.run_config["seed"]
 
-    # Initialize the global model
+    # Load the global model (seeded: runs are reproducible)
     torch.manual_seed(seed)
     global_model = Net()
     arrays = ArrayRecord(global_model.state_dict())
 
     # Initialize the FedAvg strategy
-    strategy = NoisyStrategy(
-        FedAvg(fraction_train=fraction_train),
-        local=NoiseSpec(std=context.run_config["local-noise-std"], seed=seed),
-    )
+    strategy = FedAvg(fraction_evaluate=fraction_evaluate)
+    # Wrap it: the clients add weight noise after every local optimizer step
+    noise_std: float = context.run_config["local-noise-std"]
+    strategy = NoisyStrategy(strategy, local=NoiseSpec(std=noise_std, seed=seed))
 
     # Start the strategy, run FedAvg for `num_rounds`
     result = strategy.start(
         grid=grid,
         initial_arrays=arrays,
-        num_rounds=num_rounds,
         train_config=ConfigRecord({"lr": lr}),
+        num_rounds=num_rounds,
     )
 
     # Save the final model to disk

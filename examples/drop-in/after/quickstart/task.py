@@ -67,13 +67,14 @@ def load_data(
 def train(
     net: nn.Module,
     trainloader: DataLoader,
-    optimizer: torch.optim.Optimizer,
     epochs: int,
+    lr: float,
     device: torch.device,
 ) -> float:
     """Train the model on the training set; return the mean training loss."""
-    net.to(device)
-    criterion = nn.CrossEntropyLoss()
+    net.to(device)  # move model to GPU if available
+    criterion = nn.CrossEntropyLoss().to(device)
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
     net.train()
     running_loss = 0.0
     for _ in range(epochs):

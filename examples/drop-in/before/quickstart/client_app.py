@@ -20,7 +20,6 @@ def train(msg: Message, context: Context) -> Message:
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=msg.content["config"]["lr"])
 
     # Load the data
     partition_id = context.node_config["partition-id"]
@@ -29,9 +28,9 @@ def train(msg: Message, context: Context) -> Message:
     trainloader, _ = load_data(partition_id, num_partitions, batch_size)
 
     # Call the training function
-    train_loss = train_fn(
-        model, trainloader, optimizer, context.run_config["local-epochs"], device
-    )
+    epochs = context.run_config["local-epochs"]
+    lr = msg.content["config"]["lr"]
+    train_loss = train_fn(model, trainloader, epochs, lr, device)
 
     # Construct and return reply Message
     model_record = ArrayRecord(model.state_dict())
@@ -54,16 +53,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     partition_id = context.node_config["partition-id"]
     num_partitions = context.node_config["num-partitions"]
     batch_size = context.run_config["batch-size"]
-    _, testloader = load_data(partition_id, num_partitions, batch_size)
+    _, valloader = load_data(partition_id, num_partitions, batch_size)
 
     # Call the evaluation function
-    eval_loss, eval_acc = test_fn(model, testloader, device)
+    eval_loss, eval_acc = test_fn(model, valloader, device)
 
     # Construct and return reply Message
     metrics = {
         "eval_loss": eval_loss,
         "eval_acc": eval_acc,
-        "num-examples": len(testloader.dataset),
+        "num-examples": len(valloader.dataset),
     }
     metric_record = MetricRecord(metrics)
     content = RecordDict({"metrics": metric_record})

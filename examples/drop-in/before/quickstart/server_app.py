@@ -15,25 +15,25 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run federated training and save the final model."""
     # Read the run config
-    fraction_train: float = context.run_config["fraction-train"]
+    fraction_evaluate: float = context.run_config["fraction-evaluate"]
     num_rounds: int = context.run_config["num-server-rounds"]
     lr: float = context.run_config["learning-rate"]
     seed: int = context.run_config["seed"]
 
-    # Initialize the global model
+    # Load the global model (seeded: runs are reproducible)
     torch.manual_seed(seed)
     global_model = Net()
     arrays = ArrayRecord(global_model.state_dict())
 
     # Initialize the FedAvg strategy
-    strategy = FedAvg(fraction_train=fraction_train)
+    strategy = FedAvg(fraction_evaluate=fraction_evaluate)
 
     # Start the strategy, run FedAvg for `num_rounds`
     result = strategy.start(
         grid=grid,
         initial_arrays=arrays,
-        num_rounds=num_rounds,
         train_config=ConfigRecord({"lr": lr}),
+        num_rounds=num_rounds,
     )
 
     # Save the final model to disk
