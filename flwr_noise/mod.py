@@ -51,7 +51,7 @@ from flwr.supercore import log
 
 from flwr_noise.hook import WeightNoise
 from flwr_noise.sampling import NoiseReport, perturb_arrays
-from flwr_noise.seeding import PURPOSES, numpy_generator
+from flwr_noise.seeding import numpy_generator
 from flwr_noise.spec import NoiseSpec
 from flwr_noise.step_noise import StepNoise, noise_metrics
 from flwr_noise.strategy import (
@@ -84,11 +84,6 @@ PARTITION_ID_KEY = "partition-id"
 # Key of the MetricRecord the mod creates when the reply has none.
 DEFAULT_METRICS_KEY = "metrics"
 _MOD_NAME = "weight_noise_mod"
-
-
-def _purpose(name: str, older_name: str) -> str:
-    """Return the stream purpose ``name``, or its older name where it is unknown."""
-    return name if name in PURPOSES else older_name
 
 
 def client_key(msg: Message, context: Context | None = None) -> int | str:
@@ -367,8 +362,8 @@ def _multi_record_error(
 
 # (prefix, stream purpose, older purpose name) of the noise added once per round.
 _ONCE_KINDS = {
-    "received": (RECEIVED_PREFIX, "received", "mod-received"),
-    "update": (UPDATE_PREFIX, "update", "mod-update"),
+    "received": RECEIVED_PREFIX,
+    "update": UPDATE_PREFIX,
 }
 
 
@@ -412,14 +407,14 @@ def add_noise_once(
         the dtype cannot hold); the message names the spec's ``std`` key.
 
     """
-    prefix, purpose, older_purpose = _ONCE_KINDS[kind]
+    prefix = _ONCE_KINDS[kind]
     std_key = f"{prefix}std"
     try:
         rng = numpy_generator(
             spec.seed,
             client=client,
             server_round=server_round,
-            purpose=_purpose(purpose, older_purpose),
+            purpose=kind,
         )
         sigma = spec.sigma_at(max(server_round - 1, 0))
         perturbed, report = perturb_arrays(arrays, spec, sigma, rng)

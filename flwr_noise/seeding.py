@@ -15,11 +15,11 @@ PURPOSES = (
     "broadcast",
     "aggregation",
     "received",
-    "mod-update",
+    "update",
     "data",
 )
 # Older names of a purpose; an alias draws exactly the stream of its target.
-PURPOSE_ALIASES = {"mod-received": "received"}
+PURPOSE_ALIASES = {"mod-received": "received", "mod-update": "update"}
 # Client key of the server-side aggregation stream (no partition has it).
 AGGREGATE_CLIENT = -1
 

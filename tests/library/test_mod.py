@@ -36,7 +36,7 @@ from flwr_noise.mod import (
     weight_noise_mod,
 )
 from flwr_noise.sampling import NoiseReport, perturb_arrays
-from flwr_noise.seeding import PURPOSES, numpy_generator
+from flwr_noise.seeding import numpy_generator
 from flwr_noise.spec import NoiseSpec
 from flwr_noise.strategy import (
     LOCAL_PREFIX,
@@ -48,9 +48,8 @@ from flwr_noise.strategy import (
 LARGE_SHAPES = {"w": (300, 300), "b": (300,)}
 NODE_ID = 1003
 PARTITION_ID = 2
-# The stream purposes of the mod ("mod-received" / "mod-update" before the rename).
-RECEIVED_PURPOSE = "received" if "received" in PURPOSES else "mod-received"
-UPDATE_PURPOSE = "update" if "update" in PURPOSES else "mod-update"
+RECEIVED_PURPOSE = "received"
+UPDATE_PURPOSE = "update"
 
 
 def spec_config(

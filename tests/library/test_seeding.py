@@ -45,7 +45,7 @@ def test_same_arguments_give_identical_streams() -> None:
         {"client": AGGREGATE_CLIENT},
         {"server_round": 3},
         {"purpose": "broadcast"},
-        {"purpose": "mod-update"},
+        {"purpose": "update"},
     ],
 )
 def test_any_difference_gives_an_independent_stream(change: dict[str, object]) -> None:
@@ -99,7 +99,7 @@ def test_purpose_keys_are_stable_hashes_of_the_names() -> None:
 
 
 def test_purpose_alias_draws_the_stream_of_its_target() -> None:
-    assert PURPOSE_ALIASES == {"mod-received": "received"}
+    assert PURPOSE_ALIASES == {"mod-received": "received", "mod-update": "update"}
     stream = {"client": 2, "server_round": 4}
     np.testing.assert_array_equal(
         numpy_generator(3, purpose="mod-received", **stream).random(8),
