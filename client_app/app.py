@@ -15,7 +15,8 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from flwr_noise.mod import PARTITION_ID_KEY, noise_metrics, weight_noise_from_message
+from flwr_noise import weight_noise
+from flwr_noise.mod import PARTITION_ID_KEY
 from flwr_noise.seeding import torch_generator
 from flwr_noise_app.config import AppConfig
 from flwr_noise_app.federation import LOCAL_ACCURACY_KEY, LOCAL_LOSS_KEY
@@ -87,24 +88,23 @@ def train(msg: Message, context: Context) -> Message:
     model = build_model(config.model, task.input_shape, task.num_classes)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     model.to(task.x.device)
-    optimizer = make_optimizer(model, config.learning_rate)
-    noise = weight_noise_from_message(
-        model, msg, context, start_step=(server_round - 1) * config.local_steps
-    )
-    if noise is not None:
-        noise.attach(optimizer)
-
-    train_loss = train_steps(
-        model,
-        task.x,
-        task.y,
-        steps=config.local_steps,
-        batch_size=config.batch_size,
-        optimizer=optimizer,
-        generator=torch_generator(
-            config.seed, client=partition_id, server_round=server_round, purpose="data"
-        ),
-    )
+    # The server's local noise follows every optimizer step inside the block;
+    # leaving it removes any pending anticorrelated draw from the model.
+    with weight_noise(model, msg, context) as noise:
+        train_loss = train_steps(
+            model,
+            task.x,
+            task.y,
+            steps=config.local_steps,
+            batch_size=config.batch_size,
+            optimizer=make_optimizer(model, config.learning_rate),
+            generator=torch_generator(
+                config.seed,
+                client=partition_id,
+                server_round=server_round,
+                purpose="data",
+            ),
+        )
     local_loss, local_accuracy = evaluate(model, task.x_test, task.y_test)
 
     metrics = {
@@ -112,9 +112,8 @@ def train(msg: Message, context: Context) -> Message:
         LOCAL_LOSS_KEY: local_loss,
         LOCAL_ACCURACY_KEY: local_accuracy,
         "num-examples": len(task.x),
+        **noise.metrics(),
     }
-    if noise is not None:
-        metrics.update(noise_metrics(noise.report()))
     content = RecordDict(
         {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}
     )
