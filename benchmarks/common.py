@@ -240,7 +240,9 @@ class GridCalls:
 
     def seconds(self, kind: str) -> float:
         """Total duration of the calls that sent messages of ``kind``."""
-        return sum(end - start for name, _, start, end in self.calls if name == kind)
+        return sum(
+            (end - start for name, _, start, end in self.calls if name == kind), 0.0
+        )
 
 
 @dataclass
