@@ -475,6 +475,10 @@ class IsolatedRun:
     peak_processes: int
 
 
+# How long a process that returned its result may take to exit.
+EXIT_GRACE_S = 120.0
+
+
 def _child(
     connection: Connection, job: Callable[..., dict[str, Any]], params: dict[str, Any]
 ) -> None:
@@ -526,14 +530,21 @@ def run_isolated(
     process.start()
     sender.close()
     with PeakMemory(root=process.pid) as memory:
-        finished = receiver.poll(timeout_s)
-        outcome = receiver.recv() if finished else ("error", f"ran past {timeout_s}s")
-        if not finished:
+        try:
+            if receiver.poll(timeout_s):
+                status, value = receiver.recv()
+            else:
+                status, value = "error", f"ran past {timeout_s}s"
+        except EOFError:
+            status, value = "error", "the process ended without a result"
+        # A failed run may leave threads (Flower's, Ray's) that keep the
+        # process alive: stop its whole tree rather than wait.
+        process.join(EXIT_GRACE_S if status == "ok" else 0)
+        if process.is_alive():
             kill_tree(process.pid)
-        process.join()
+            process.join()
     elapsed = time.perf_counter() - start
-    status, value = outcome
-    if status != "ok" or process.exitcode != 0:
+    if status != "ok":
         raise RuntimeError(
             f"{job.__name__}({params}) failed (exit code {process.exitcode}):\n{value}"
         )
