@@ -35,11 +35,13 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 from common import (
     MNIST_T10K_DIR,
     IsolatedRun,
+    app_job,
     app_run_config,
     bench_settings,
     cumulative_seconds,
@@ -47,7 +49,6 @@ from common import (
     format_table,
     interleave,
     load_profiles,
-    median,
     quiet_logs,
     run_isolated,
     top_functions,
@@ -205,7 +206,7 @@ def profile_app(
     profile_dir = Path(tempfile.mkdtemp(prefix="flwr-noise-profile-"))
     try:
         run = run_isolated(
-            "common:app_job",
+            app_job,
             app_params(settings, profile_dir=str(profile_dir), **extra),
         )
         server = load_profiles([profile_dir / "server.prof"])
@@ -305,14 +306,14 @@ def main() -> None:
     runs = interleave(
         {
             "floor": lambda: run_isolated(
-                "bench_floor:floor_job",
+                floor_job,
                 {
                     "overrides": overrides,
                     "num_clients": settings["clients"],
                     "torch_threads": args.floor_threads,
                 },
             ),
-            "app": lambda: run_isolated("common:app_job", app_params(settings, **cpus)),
+            "app": lambda: run_isolated(app_job, app_params(settings, **cpus)),
         },
         args.repeats,
         on_result=progress,

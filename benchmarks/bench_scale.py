@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 from common import (
     IsolatedRun,
+    app_job,
     app_run_config,
     default_report_path,
     format_table,
     interleave,
-    median,
     quiet_logs,
     run_isolated,
     write_report,
@@ -129,7 +130,7 @@ def main() -> None:
     print(f"settings: {SETTINGS}, ~{CLIENTS_PER_ROUND} clients per round", flush=True)
     runs = interleave(
         {
-            label(*key): (lambda params=params: run_isolated("common:app_job", params))
+            label(*key): (lambda params=params: run_isolated(app_job, params))
             for key, params in configs.items()
         },
         args.repeats,

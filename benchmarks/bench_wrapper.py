@@ -4,11 +4,10 @@ Three variants of the App, same seed and settings, each run in a fresh Python
 process (``run_simulation`` in-process, Ray backend), interleaved in a
 rotating order:
 
-- ``fedavg``: the ServerApp with the plain ``FedAvg`` it configures (the
-  benchmark patches ``server_app.app.NoisyStrategy`` to return the wrapped
-  strategy), all noise off;
-- ``noisy-off``: ``NoisyStrategy(FedAvg)`` with every kind of noise off
-  (target <= 1.02x ``fedavg``);
+- ``fedavg``: plain ``FedAvg``, run with Flower's ``strategy.start`` (the App's
+  model, data and ClientApp; ``common.strategy_main``), all noise off;
+- ``noisy-off``: the same with ``NoisyStrategy(FedAvg)``, every kind of noise
+  off (target <= 1.02x ``fedavg``);
 - ``noisy-on``: local, broadcast and aggregation noise on
   (target <= 1.05x ``fedavg``).
 
@@ -34,18 +33,19 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 from common import (
     NOISE_OFF,
     PROJECT_ROOT,
     IsolatedRun,
+    app_job,
     app_run_config,
     bench_settings,
     default_report_path,
     format_table,
     interleave,
-    median,
     median_ratios,
     quiet_logs,
     relative_spread,
@@ -59,11 +59,11 @@ NOISE_ON: dict[str, float] = {
     "broadcast-noise-std": 0.01,
     "aggregation-noise-std": 0.001,
 }
-# Variant -> (run config overrides, run with plain FedAvg, target ratio).
-VARIANTS: dict[str, tuple[dict[str, float], bool, float]] = {
-    BASELINE: (NOISE_OFF, True, 1.0),
-    "noisy-off": (NOISE_OFF, False, 1.02),
-    "noisy-on": (NOISE_ON, False, 1.05),
+# Variant -> (run config overrides, server (``common.SERVERS``), target ratio).
+VARIANTS: dict[str, tuple[dict[str, float], str, float]] = {
+    BASELINE: (NOISE_OFF, "fedavg", 1.0),
+    "noisy-off": (NOISE_OFF, "noisy", 1.02),
+    "noisy-on": (NOISE_ON, "noisy", 1.05),
 }
 # The App's own defaults (digits, MLP, 20 local steps), 10 clients, 5 rounds.
 DEFAULT_SETTINGS: dict[str, Any] = {"clients": 10, "num-server-rounds": 5}
@@ -181,14 +181,14 @@ def main() -> None:
 
     settings, shared = bench_settings(args, QUICK_SETTINGS, DEFAULT_SETTINGS)
     params: dict[str, dict[str, Any]] = {}
-    for name, (noise, plain, _) in VARIANTS.items():
+    for name, (noise, server, _) in VARIANTS.items():
         overrides = {**shared, **noise}
         app_run_config(overrides)  # a bad setting fails here, before any run
         params[name] = {
             "overrides": overrides,
             "num_supernodes": settings["clients"],
             "num_cpus_per_client": args.num_cpus_per_client,
-            "plain": plain,
+            "server": server,
         }
 
     def progress(repeat: int, name: str, run: IsolatedRun) -> None:
@@ -200,7 +200,7 @@ def main() -> None:
     print(f"settings: {settings}", flush=True)
     runs = interleave(
         {
-            name: (lambda name=name: run_isolated("common:app_job", params[name]))
+            name: (lambda name=name: run_isolated(app_job, params[name]))
             for name in VARIANTS
         },
         args.repeats,
@@ -266,7 +266,7 @@ def main() -> None:
                     * strategy_round_seconds(
                         params[name]["overrides"],
                         settings["clients"],
-                        params[name]["plain"],
+                        params[name]["server"] == "fedavg",
                         settings["num-server-rounds"],
                     )
                 )

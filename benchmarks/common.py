@@ -17,29 +17,31 @@ alike, and the benchmarks report medians and their ratios.
 from __future__ import annotations
 
 import cProfile
+import dataclasses
 import datetime
-import importlib
 import io
 import json
 import logging
 import math
+import multiprocessing
 import os
 import platform
 import pstats
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
+import traceback
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
+from statistics import median
 from typing import TYPE_CHECKING, Any, TypeVar
-from unittest import mock
+
+import psutil
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = BENCHMARKS_DIR.parent
@@ -55,7 +57,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 if TYPE_CHECKING:
     from flwr.app import Context, Message
-    from flwr.clientapp.typing import ClientAppCallable
+    from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid
 
 T = TypeVar("T")
@@ -167,37 +169,49 @@ def _with_run_config(context: Context, run_config: Mapping[str, Any]) -> Context
 _CLIENT_PROFILES: dict[str, cProfile.Profile] = {}
 
 
-@dataclass(frozen=True)
-class RunConfigMod:
-    """Flower mod: hand the ClientApp the benchmark's run config.
+def _profiled(profile_dir: str, kind: str, call: Callable[[], T]) -> T:
+    """Run ``call`` under this actor's cProfile; log its duration.
 
-    With ``profile_dir``, every ClientApp call is also profiled with cProfile
-    into ``<profile_dir>/client-<pid>.prof`` (one file per actor process,
-    accumulated over its calls) and timed into ``client-<pid>.times``.
+    Profiles go to ``<profile_dir>/client-<pid>.prof`` (one file per actor
+    process, accumulated over its calls), durations to ``client-<pid>.times``.
     """
+    profile = _CLIENT_PROFILES.setdefault(profile_dir, cProfile.Profile())
+    start = time.perf_counter()
+    profile.enable()
+    try:
+        return call()
+    finally:
+        profile.disable()
+        elapsed = time.perf_counter() - start
+        stem = Path(profile_dir) / f"client-{os.getpid()}"
+        profile.dump_stats(f"{stem}.prof")
+        with open(f"{stem}.times", "a") as times:
+            times.write(f"{kind} {elapsed:.6f}\n")
 
-    run_config: Mapping[str, Any]
-    profile_dir: str | None = None
 
-    def __call__(
-        self, message: Message, context: Context, call_next: ClientAppCallable
-    ) -> Message:
-        """Call the ClientApp with the run config (and profile it)."""
-        client_context = _with_run_config(context, self.run_config)
-        if self.profile_dir is None:
-            return call_next(message, client_context)
-        profile = _CLIENT_PROFILES.setdefault(self.profile_dir, cProfile.Profile())
-        start = time.perf_counter()
-        profile.enable()
-        try:
-            return call_next(message, client_context)
-        finally:
-            profile.disable()
-            elapsed = time.perf_counter() - start
-            stem = Path(self.profile_dir) / f"client-{os.getpid()}"
-            profile.dump_stats(f"{stem}.prof")
-            with open(f"{stem}.times", "a") as times:
-                times.write(f"{message.metadata.message_type} {elapsed:.6f}\n")
+def app_client(run_config: Mapping[str, Any], profile_dir: str | None) -> ClientApp:
+    """The App's ClientApp (``client_app.app:app``), given ``run_config``.
+
+    Calls the App's ClientApp object as Flower does, with a copy of the
+    context that carries the run config; with ``profile_dir`` every call is
+    profiled (:func:`_profiled`).
+    """
+    from flwr.clientapp import ClientApp
+
+    from client_app.app import app as the_app
+
+    def handle(message: Message, context: Context) -> Message:
+        def call() -> Message:
+            return the_app(message, _with_run_config(context, run_config))
+
+        if profile_dir is None:
+            return call()
+        return _profiled(profile_dir, message.metadata.message_type, call)
+
+    client = ClientApp()
+    client.train()(handle)
+    client.query()(handle)
+    return client
 
 
 @dataclass
@@ -226,12 +240,14 @@ class GridCalls:
 
     def seconds(self, kind: str) -> float:
         """Total duration of the calls that sent messages of ``kind``."""
-        return sum(end - start for name, _, start, end in self.calls if name == kind)
+        return sum(
+            (end - start for name, _, start, end in self.calls if name == kind), 0.0
+        )
 
 
 @dataclass
 class AppRun:
-    """What one simulation of the App took.
+    """What one simulation took.
 
     Attributes
     ----------
@@ -244,13 +260,13 @@ class AppRun:
         starting, the ServerApp loading data and discovering the nodes).
     discovery_s : float
         The ServerApp's query of every node's partition id (it waits for the
-        Ray actors to start).
+        Ray actors to start); 0 for servers that send no query.
     round_s : list[float]
         Per round: from sending its train messages to sending the next round's
         (the last round: to the end of ``main``), so aggregation, evaluation
         and results writing are included.
-    results : dict[str, Any]
-        The run's ``results.json``.
+    final_global_accuracy : float
+        The global model's accuracy on the held-out data after the last round.
 
     """
 
@@ -259,7 +275,7 @@ class AppRun:
     startup_s: float
     discovery_s: float
     round_s: list[float]
-    results: dict[str, Any]
+    final_global_accuracy: float
 
     @property
     def mean_round_s(self) -> float:
@@ -267,27 +283,70 @@ class AppRun:
         return statistics.fmean(self.round_s)
 
     def summary(self) -> dict[str, Any]:
-        """Timings and the final round's metrics, for the JSON report."""
-        last = self.results["rounds"][-1]
-        return {
-            "wall_s": self.wall_s,
-            "server_s": self.server_s,
-            "startup_s": self.startup_s,
-            "discovery_s": self.discovery_s,
-            "round_s": self.round_s,
-            "final_global_accuracy": last["global_accuracy"],
-            "final_local_accuracy_mean": last["local_accuracy_mean"],
-        }
+        """Everything, for the JSON report."""
+        return dataclasses.asdict(self)
 
 
-def plain_fedavg(strategy: Any, **_: Any) -> Any:
-    """Stand-in for ``NoisyStrategy(...)`` that returns the wrapped strategy.
+# What a simulation's ServerApp runs: the App's own ServerApp, or the strategy
+# alone (the App's model, data and ClientApp) with or without NoisyStrategy.
+SERVERS = ("app", "fedavg", "noisy")
 
-    ``server_app.app.main`` reads ``strategy.round_noise`` for its round
-    entries, so the plain strategy gets an empty one.
+
+def strategy_main(
+    grid: Grid, run_config: Mapping[str, Any], noisy: bool
+) -> tuple[float, float]:
+    """Run ``FedAvg`` or ``NoisyStrategy(FedAvg)`` with Flower's ``start``.
+
+    Built from public names only, as a user's ServerApp would: the App's
+    config, model and data for the initial model and the global evaluation.
+
+    Returns
+    -------
+    tuple[float, float]
+        The global model's loss and accuracy after the last round.
     """
-    strategy.round_noise = {}
-    return strategy
+    from flwr.app import ArrayRecord, MetricRecord
+    from flwr.serverapp.strategy import FedAvg
+
+    from flwr_noise import NoisyStrategy
+    from flwr_noise_app.config import AppConfig
+    from flwr_noise_app.tasks.data import load_dataset
+    from flwr_noise_app.tasks.models import build_model
+    from flwr_noise_app.tasks.training import evaluate
+
+    config = AppConfig.from_run_config(run_config)
+    data = load_dataset(config.dataset, config.data_dir, split_seed=config.seed)
+    model = build_model(
+        config.model, data.input_shape, data.num_classes, seed=config.seed
+    )
+
+    def evaluate_global(_: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        loss, accuracy = evaluate(model, data.x_test, data.y_test)
+        return MetricRecord({"loss": loss, "accuracy": accuracy})
+
+    strategy = FedAvg(
+        fraction_train=config.fraction_train,
+        fraction_evaluate=0.0,
+        min_train_nodes=1,
+        min_available_nodes=config.min_nodes,
+    )
+    if noisy:
+        strategy = NoisyStrategy(
+            strategy,
+            local=config.local_spec(),
+            broadcast=config.broadcast_spec(),
+            aggregation=config.aggregation_spec(),
+            local_steps=config.local_steps,
+        )
+    result = strategy.start(
+        grid,
+        ArrayRecord(model.state_dict()),
+        num_rounds=config.num_server_rounds,
+        evaluate_fn=evaluate_global,
+    )
+    last = result.evaluate_metrics_serverapp[config.num_server_rounds]
+    return float(last["loss"]), float(last["accuracy"])
 
 
 def run_app(
@@ -295,10 +354,10 @@ def run_app(
     *,
     num_supernodes: int,
     num_cpus_per_client: float = 1.0,
-    plain: bool = False,
+    server: str = "app",
     profile_dir: Path | None = None,
 ) -> AppRun:
-    """Run one simulation of the App in this process.
+    """Run one simulation of the App's ClientApp in this process.
 
     Parameters
     ----------
@@ -308,10 +367,10 @@ def run_app(
         Number of simulated SuperNodes (clients).
     num_cpus_per_client : float
         CPUs Ray reserves per ClientApp actor.
-    plain : bool
-        Run the ServerApp with the plain ``FedAvg`` it configures instead of
-        ``NoisyStrategy(FedAvg)``: ``server_app.app.NoisyStrategy`` is patched
-        with :func:`plain_fedavg` for the call.
+    server : str
+        ``"app"``: the App's ServerApp (``server_app.app:app``); ``"fedavg"``
+        / ``"noisy"``: :func:`strategy_main` with plain ``FedAvg`` /
+        ``NoisyStrategy(FedAvg)``.
     profile_dir : Path | None
         Profile the ServerApp thread (``server.prof``) and every ClientApp call
         (``client-<pid>.prof``) into this folder.
@@ -319,21 +378,22 @@ def run_app(
     Returns
     -------
     AppRun
-        The timings and the run's results.
+        The timings and the final global accuracy.
 
     """
     # Imported here, so that a process that runs no App does not pay for them.
-    from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    from client_app import app as client_module
-    from server_app import app as server_module
+    from server_app.app import app as the_server_app
 
+    if server not in SERVERS:
+        raise ValueError(f"server {server!r} is not allowed: expected one of {SERVERS}")
     with tempfile.TemporaryDirectory(prefix="flwr-noise-bench-") as scratch:
         run_config = app_run_config({**overrides, "results-dir": scratch})
         grid_calls = GridCalls()
         server_times: dict[str, float] = {}
+        accuracy: list[float] = []
         profile = str(profile_dir) if profile_dir is not None else None
 
         server_app = ServerApp()
@@ -341,42 +401,39 @@ def run_app(
         @server_app.main()
         def main(grid: Grid, context: Context) -> None:
             grid_calls.record(grid)
-            server_context = _with_run_config(context, run_config)
             server_profile = cProfile.Profile() if profile else None
             server_times["start"] = time.perf_counter()
             if server_profile is not None:
                 server_profile.enable()
             try:
-                server_module.main(grid, server_context)
+                if server == "app":
+                    the_server_app(grid, _with_run_config(context, run_config))
+                else:
+                    noisy = server == "noisy"
+                    accuracy.append(strategy_main(grid, run_config, noisy)[1])
             finally:
                 server_times["end"] = time.perf_counter()
                 if server_profile is not None:
                     server_profile.disable()
                     server_profile.dump_stats(Path(profile) / "server.prof")
 
-        client_app = ClientApp(mods=[RunConfigMod(run_config, profile)])
-        client_app.train()(client_module.train)
-        client_app.query()(client_module.query)
-
-        strategy_patch = (
-            mock.patch.object(server_module, "NoisyStrategy", plain_fedavg)
-            if plain
-            else _no_patch()
+        start = time.perf_counter()
+        run_simulation(
+            server_app=server_app,
+            client_app=app_client(run_config, profile),
+            num_supernodes=num_supernodes,
+            backend_config=backend_config(num_cpus_per_client),
         )
-        with strategy_patch:
-            start = time.perf_counter()
-            run_simulation(
-                server_app=server_app,
-                client_app=client_app,
-                num_supernodes=num_supernodes,
-                backend_config=backend_config(num_cpus_per_client),
-            )
-            wall = time.perf_counter() - start
+        wall = time.perf_counter() - start
 
-        (results_path,) = Path(scratch).glob("*/results.json")
-        results = json.loads(results_path.read_text())
-    if results["status"] != "complete":
-        raise RuntimeError(f"the App's run did not complete: {results}")
+        if server == "app":
+            (results_path,) = Path(scratch).glob("*/results.json")
+            results = json.loads(results_path.read_text())
+            if results["status"] != "complete":
+                raise RuntimeError(f"the App's run did not complete: {results}")
+            accuracy.append(results["rounds"][-1]["global_accuracy"])
+    if not accuracy or "end" not in server_times:
+        raise RuntimeError(f"the {server!r} ServerApp did not finish")
     train_starts = grid_calls.starts("train")
     round_ends = [*train_starts[1:], server_times["end"]]
     return AppRun(
@@ -387,19 +444,11 @@ def run_app(
         round_s=[
             end - begin for begin, end in zip(train_starts, round_ends, strict=True)
         ],
-        results=results,
+        final_global_accuracy=accuracy[0],
     )
 
 
-@contextmanager
-def _no_patch() -> Iterator[None]:
-    yield
-
-
 # One run per fresh Python process --------------------------------------------
-
-RESULT_MARKER = "BENCH-RESULT "
-_OUTPUT_TAIL_CHARS = 4000
 
 
 @dataclass
@@ -426,24 +475,42 @@ class IsolatedRun:
     peak_processes: int
 
 
+# How long a process that returned its result may take to exit.
+EXIT_GRACE_S = 120.0
+
+
+def _child(
+    connection: Connection, job: Callable[..., dict[str, Any]], params: dict[str, Any]
+) -> None:
+    quiet_logs()
+    try:
+        connection.send(("ok", job(**params)))
+    except BaseException as error:  # reported to the parent, which raises
+        connection.send(("error", "".join(traceback.format_exception(error))))
+        raise
+
+
 def run_isolated(
-    job: str, params: Mapping[str, Any], *, timeout_s: float = 1800.0
+    job: Callable[..., dict[str, Any]],
+    params: Mapping[str, Any],
+    *,
+    timeout_s: float = 1800.0,
 ) -> IsolatedRun:
-    """Run a job function in a fresh Python process and measure the process.
+    """Run ``job(**params)`` in a fresh Python process and measure the process.
 
     Every run pays the same cold start (interpreter, imports, Ray), whichever
     variant it is, and its memory is measured on its own process tree.
+    The process is started with multiprocessing's ``spawn`` method.
 
     Parameters
     ----------
-    job : str
-        ``"module:function"``, a module importable from ``benchmarks/``; the
-        function takes ``params`` as keyword arguments and returns a
-        JSON-serializable dict.
+    job : Callable[..., dict[str, Any]]
+        A module-level function (it is pickled by name) that returns a
+        picklable dict.
     params : Mapping[str, Any]
-        The function's keyword arguments (JSON-serializable).
+        Its keyword arguments (picklable).
     timeout_s : float
-        The process is killed (with its process group) after this long.
+        The process and its descendants are killed after this long.
 
     Returns
     -------
@@ -453,40 +520,36 @@ def run_isolated(
     Raises
     ------
     RuntimeError
-        If the process fails or returns no result; the message has the end
-        of its output.
+        If the job raises, the process dies or runs past ``timeout_s``.
 
     """
-    command = [sys.executable, str(Path(__file__).resolve()), job, json.dumps(params)]
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(sender, job, dict(params)))
     start = time.perf_counter()
-    process = subprocess.Popen(
-        command,
-        cwd=PROJECT_ROOT,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    process.start()
+    sender.close()
     with PeakMemory(root=process.pid) as memory:
         try:
-            output, _ = process.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            output, _ = process.communicate()
-            raise RuntimeError(
-                f"{job} ran past {timeout_s}s; its output:\n"
-                f"{output[-_OUTPUT_TAIL_CHARS:]}"
-            ) from None
+            if receiver.poll(timeout_s):
+                status, value = receiver.recv()
+            else:
+                status, value = "error", f"ran past {timeout_s}s"
+        except EOFError:
+            status, value = "error", "the process ended without a result"
+        # A failed run may leave threads (Flower's, Ray's) that keep the
+        # process alive: stop its whole tree rather than wait.
+        process.join(EXIT_GRACE_S if status == "ok" else 0)
+        if process.is_alive():
+            kill_tree(process.pid)
+            process.join()
     elapsed = time.perf_counter() - start
-    lines = [line for line in output.splitlines() if line.startswith(RESULT_MARKER)]
-    if process.returncode != 0 or not lines:
+    if status != "ok":
         raise RuntimeError(
-            f"{job}({params}) failed with exit code {process.returncode}; its "
-            f"output:\n{output[-_OUTPUT_TAIL_CHARS:]}"
+            f"{job.__name__}({params}) failed (exit code {process.exitcode}):\n{value}"
         )
     return IsolatedRun(
-        result=json.loads(lines[-1][len(RESULT_MARKER) :]),
+        result=value,
         process_s=elapsed,
         peak_rss_bytes=memory.peak_bytes,
         peak_processes=memory.peak_processes,
@@ -497,7 +560,7 @@ def app_job(
     overrides: Mapping[str, Any],
     num_supernodes: int,
     num_cpus_per_client: float = 1.0,
-    plain: bool = False,
+    server: str = "app",
     profile_dir: str | None = None,
 ) -> dict[str, Any]:
     """Job for :func:`run_isolated`: one :func:`run_app`, its summary."""
@@ -505,20 +568,10 @@ def app_job(
         overrides,
         num_supernodes=num_supernodes,
         num_cpus_per_client=num_cpus_per_client,
-        plain=plain,
+        server=server,
         profile_dir=Path(profile_dir) if profile_dir else None,
     )
     return run.summary()
-
-
-def _run_job(argv: Sequence[str]) -> None:
-    """Entry point of the processes :func:`run_isolated` starts."""
-    job, params = argv
-    module_name, function_name = job.split(":")
-    quiet_logs()
-    function = getattr(importlib.import_module(module_name), function_name)
-    result = function(**json.loads(params))
-    print(RESULT_MARKER + json.dumps(result), flush=True)
 
 
 # Interleaved repetitions --------------------------------------------------------
@@ -535,7 +588,8 @@ def interleave(
     Repetition ``r`` runs the variants starting from the ``r``-th one
     (A B C, B C A, C A B, ...), so that no variant always runs first or
     right after the same neighbour, and slow phases of the machine fall on
-    all of them alike.
+    all of them alike. (pyperf runs all processes of one benchmark before the
+    next, so it cannot do this for benchmarks that are compared.)
 
     Parameters
     ----------
@@ -566,11 +620,6 @@ def interleave(
     return results
 
 
-def median(values: Sequence[float]) -> float:
-    """Median of a non-empty sequence."""
-    return float(statistics.median(values))
-
-
 def median_ratios(
     samples: Mapping[str, Sequence[float]], baseline: str
 ) -> dict[str, float]:
@@ -587,43 +636,32 @@ def relative_spread(values: Sequence[float]) -> float:
     return (max(values) - min(values)) / middle if middle else math.nan
 
 
-# Memory of the process tree ---------------------------------------------------
+# Memory of the process tree (psutil) -------------------------------------------
 
 
-def _descendants_from_proc(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # Field 4 is the parent pid; the command name (field 2) may hold spaces.
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(parent, []).append(int(entry.name))
-    found, pending = [], [root]
-    while pending:
-        pid = pending.pop()
-        found.append(pid)
-        pending.extend(children.get(pid, []))
-    return found
-
-
-def _rss_from_proc(pid: int) -> int:
+def _tree(root: int) -> list[psutil.Process]:
     try:
-        resident_pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-    return resident_pages * os.sysconf("SC_PAGE_SIZE")
+        top = psutil.Process(root)
+        return [top, *top.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_tree(root: int) -> None:
+    """SIGKILL a process and all its descendants."""
+    for process in reversed(_tree(root)):
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def process_tree_rss(root: int | None = None) -> tuple[int, int]:
     """Return (sum of RSS in bytes, number of processes) of a process tree.
 
-    Uses psutil when it is installed, else ``/proc``. Pages shared between
-    processes (libraries, Ray's object store) count once per process, so the
-    sum overstates the memory in use; it is comparable between runs.
+    Pages shared between processes (libraries, Ray's object store) count once
+    per process, so the sum overstates the memory in use; it is comparable
+    between runs.
 
     Parameters
     ----------
@@ -631,17 +669,7 @@ def process_tree_rss(root: int | None = None) -> tuple[int, int]:
         The tree's root process; ``None`` is this process.
 
     """
-    root = os.getpid() if root is None else root
-    try:
-        import psutil
-    except ImportError:
-        pids = _descendants_from_proc(root)
-        return sum(_rss_from_proc(pid) for pid in pids), len(pids)
-    try:
-        top = psutil.Process(root)
-        processes = [top, *top.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0, 0
+    processes = _tree(os.getpid() if root is None else root)
     total = 0
     for process in processes:
         try:
@@ -652,8 +680,10 @@ def process_tree_rss(root: int | None = None) -> tuple[int, int]:
 
 
 class PeakMemory:
-    """Sample the RSS of this process tree in a thread; keep the peak.
+    """Sample the RSS of a process tree in a thread; keep the peak.
 
+    psutil reads each process's RSS but keeps no peak over a tree of
+    processes that come and go (Ray's), hence the sampling.
     Use as a context manager around the code to measure::
 
         with PeakMemory(root=child.pid) as memory:
@@ -808,6 +838,3 @@ def default_report_path(name: str) -> Path:
     """``benchmarks/results/<name>.json``."""
     return RESULTS_DIR / f"{name}.json"
 
-
-if __name__ == "__main__":
-    _run_job(sys.argv[1:])
