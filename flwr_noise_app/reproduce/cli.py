@@ -17,7 +17,13 @@ import torch
 
 from flwr_noise.spec import DISTRIBUTIONS, SCHEDULES
 from flwr_noise_app.reproduce.report import write_report
-from flwr_noise_app.reproduce.runner import PLACEMENTS, check_float, check_int
+from flwr_noise_app.reproduce.runner import (
+    CORRELATIONS,
+    INDEPENDENT,
+    PLACEMENTS,
+    check_float,
+    check_int,
+)
 from flwr_noise_app.reproduce.sweep import SweepGrid, SweepRunner
 from flwr_noise_app.tasks.data import DATASETS, PARTITION_SCHEMES
 from flwr_noise_app.tasks.models import MODELS
@@ -48,6 +54,11 @@ FLAGS: dict[str, str] = {
     "learning_rate": "--lr",
     "dirichlet_alpha": "--dirichlet-alpha",
     "seeds": "--seeds",
+    "correlations": "--correlation",
+    "correlation": "--correlation",
+    "sam_rhos": "--sam-rho",
+    "sam_rho": "--sam-rho",
+    "accuracy_levels": "--accuracy-levels",
 }
 
 
@@ -163,6 +174,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="local: after every local step; received: once per round on each "
         "learner's copy of the average; aggregation: on the average",
     )
+    add(
+        "--correlation",
+        nargs="+",
+        choices=CORRELATIONS,
+        default=[INDEPENDENT],
+        help="local noise: independent (every draw stays in the weights) and/or "
+        "anticorrelated (Anti-PGD: the previous draw is removed before the next)",
+    )
+    add(
+        "--sam-rho",
+        nargs="+",
+        type=_float(positive=True),
+        default=[],
+        help="add one noise-free SAM row per radius rho (FedSAM-style local "
+        "steps: the gradient taken at w + rho g/||g||)",
+    )
+    add(
+        "--accuracy-levels",
+        nargs="+",
+        type=_float(positive=False),
+        default=[0.5, 0.8, 0.9],
+        help="accuracy levels of the rounds-to-reach table (with --record-rounds)",
+    )
     add("--distribution", choices=DISTRIBUTIONS, default="gaussian")
     add("--partitioning", nargs="+", choices=PARTITION_SCHEMES, default=["iid"])
     add("--dirichlet-alpha", type=_float(positive=True), default=0.5)
@@ -210,6 +244,9 @@ def grid_from_args(args: argparse.Namespace) -> SweepGrid:
         distribution=args.distribution,
         seeds=tuple(args.seeds),
         record_rounds=args.record_rounds,
+        correlations=tuple(args.correlation),
+        sam_rhos=tuple(args.sam_rho),
+        accuracy_levels=tuple(args.accuracy_levels),
     )
 
 
@@ -250,11 +287,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{len(runner.configurations)} configurations x {len(grid.seeds)} "
             f"seeds = {len(runner.configurations) * len(grid.seeds)} runs"
         )
-    summary = runner.run()
+    command = [*PROGRAM.split(), *arguments]
+    summary = runner.run(
+        checkpoint=lambda partial: write_report(
+            partial, args.out, command=command, plots=False
+        )
+    )
     written = write_report(
         summary,
         args.out,
-        command=[*PROGRAM.split(), *arguments],
+        command=command,
         plots=not args.no_plots,
     )
     if progress is not None:

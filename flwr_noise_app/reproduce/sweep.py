@@ -19,13 +19,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from flwr_noise import validation
 from flwr_noise_app.reproduce.runner import (
+    INDEPENDENT,
     ExperimentConfig,
     LearnerData,
+    RoundRecord,
     RunResult,
     SerialResult,
     check_int,
     load_learner_data,
+    noise_ratios,
     run_experiment,
     run_serial_baseline,
 )
@@ -84,7 +88,16 @@ class SweepGrid:
     seeds : tuple[int, ...] (default: (0,))
         Seeds; every configuration runs once per seed.
     record_rounds : bool (default: False)
-        Evaluate after every round (adds per-round curves to the summary).
+        Evaluate after every round (adds per-round curves and the rounds to
+        reach ``accuracy_levels`` to the summary).
+    correlations : tuple[str, ...] (default: ("independent",))
+        ``"independent"`` and/or ``"anticorrelated"`` local noise; other
+        placements run ``"independent"`` only.
+    sam_rhos : tuple[float, ...] (default: ())
+        Each value > 0 adds, per setting, one noise-free row whose learners
+        take SAM steps of that radius.
+    accuracy_levels : tuple[float, ...] (default: (0.5, 0.8, 0.9))
+        Accuracy levels of the rounds-to-reach table (with ``record_rounds``).
 
     Raises
     ------
@@ -113,6 +126,9 @@ class SweepGrid:
     distribution: str = "gaussian"
     seeds: tuple[int, ...] = (0,)
     record_rounds: bool = False
+    correlations: tuple[str, ...] = (INDEPENDENT,)
+    sam_rhos: tuple[float, ...] = ()
+    accuracy_levels: tuple[float, ...] = (0.5, 0.8, 0.9)
 
     def __post_init__(self) -> None:
         for name in (
@@ -128,6 +144,8 @@ class SweepGrid:
             "batch_sizes",
             "learning_rates",
             "seeds",
+            "correlations",
+            "accuracy_levels",
         ):
             values = getattr(self, name)
             if not isinstance(values, Sequence) or isinstance(values, str):
@@ -159,6 +177,15 @@ class SweepGrid:
             )
         for seed in self.seeds:
             check_int("seeds", seed, 0)
+        if not isinstance(self.sam_rhos, Sequence) or isinstance(self.sam_rhos, str):
+            raise validation.not_allowed(
+                "sam_rhos", self.sam_rhos, "a tuple of numbers > 0", TypeError
+            )
+        for rho in self.sam_rhos:
+            validation.check_real("sam_rhos", rho, low=0.0, low_open=True)
+        object.__setattr__(self, "sam_rhos", tuple(dict.fromkeys(self.sam_rhos)))
+        for level in self.accuracy_levels:
+            validation.check_real("accuracy_levels", level, low=0.0, high=1.0)
         if (self.rounds is None) == (self.total_local_steps is None):
             raise ValueError(
                 f"rounds={self.rounds!r} and total_local_steps="
@@ -224,26 +251,34 @@ class SweepGrid:
             self.relative,
             self.schedules,
         ):
+            setting = ExperimentConfig(
+                dataset=self.dataset,
+                data_dir=self.data_dir,
+                model=model,
+                learners=learners,
+                images_per_learner=images,
+                local_steps=local_steps,
+                rounds=self.rounds_for(local_steps),
+                batch_size=batch_size,
+                learning_rate=learning_rate,
+                schedule=schedule,
+                relative=relative,
+                placement=placement,
+                distribution=self.distribution,
+                partitioning=partitioning,
+                dirichlet_alpha=self.dirichlet_alpha,
+                record_rounds=self.record_rounds,
+            )
             for noise_std in self.noise_stds_for(relative):
-                config = ExperimentConfig(
-                    dataset=self.dataset,
-                    data_dir=self.data_dir,
-                    model=model,
-                    learners=learners,
-                    images_per_learner=images,
-                    local_steps=local_steps,
-                    rounds=self.rounds_for(local_steps),
-                    batch_size=batch_size,
-                    learning_rate=learning_rate,
-                    noise_std=noise_std,
-                    schedule=schedule,
-                    relative=relative,
-                    placement=placement,
-                    distribution=self.distribution,
-                    partitioning=partitioning,
-                    dirichlet_alpha=self.dirichlet_alpha,
-                    record_rounds=self.record_rounds,
-                )
+                for correlation in self.correlations:
+                    if correlation != INDEPENDENT and placement != "local":
+                        continue
+                    config = replace(
+                        setting, noise_std=noise_std, correlation=correlation
+                    )
+                    configurations.setdefault(config.canonical(), None)
+            for rho in self.sam_rhos:
+                config = replace(setting, noise_std=0.0, sam_rho=rho)
                 configurations.setdefault(config.canonical(), None)
         return list(configurations)
 
@@ -263,8 +298,8 @@ def summarize(values: Sequence[float]) -> dict[str, Any]:
 
 
 def noise_free_counterpart(config: ExperimentConfig) -> ExperimentConfig:
-    """Return the configuration with the same settings and no noise."""
-    return replace(config, noise_std=0.0).canonical()
+    """Return the configuration with the same settings, no noise and no SAM."""
+    return replace(config, noise_std=0.0, sam_rho=0.0).canonical()
 
 
 def _data_key(config: ExperimentConfig, seed: int) -> tuple[Any, ...]:
@@ -336,8 +371,18 @@ class SweepRunner:
             )
         return self._serial[key]
 
-    def run(self) -> dict[str, Any]:
-        """Run every configuration with every seed; return the summary."""
+    def run(
+        self, *, checkpoint: Callable[[dict[str, Any]], None] | None = None
+    ) -> dict[str, Any]:
+        """Run every configuration with every seed; return the summary.
+
+        Parameters
+        ----------
+        checkpoint : Callable[[dict[str, Any]], None] | None (default: None)
+            Receives the summary so far after each configuration's last seed,
+            so a long sweep that is stopped keeps its finished rows.
+
+        """
         self.check_data()
         total = len(self.configurations) * len(self.grid.seeds)
         done = 0
@@ -358,6 +403,8 @@ class SweepRunner:
                         f"{serial.accuracy:.4f} / {large.accuracy:.4f} "
                         f"({result.seconds:.1f} s)"
                     )
+            if checkpoint is not None:
+                checkpoint(self.summary())
         return self.summary()
 
     def summary(self) -> dict[str, Any]:
@@ -387,12 +434,29 @@ class SweepRunner:
             "local_accuracy_min": summarize([f.local_accuracy_min for f in finals]),
             "local_accuracy_max": summarize([f.local_accuracy_max for f in finals]),
             "averaged_accuracy": summarize([f.averaged_accuracy for f in finals]),
+            "local_loss": summarize([f.local_loss_mean for f in finals]),
+            "averaged_loss": summarize([f.averaged_loss for f in finals]),
             "serial_accuracy": summarize([s.accuracy for s in serial]),
             "serial_large_batch_accuracy": summarize([s.accuracy for s in large]),
+            "serial_loss": summarize([s.loss for s in serial]),
+            "serial_large_batch_loss": summarize([s.loss for s in large]),
+            "update_rms": summarize([run.update_rms for run in runs]),
             "serial_steps": serial[0].steps,
             "serial_large_batch_steps": large[0].steps,
             "serial_large_batch_size": large[0].batch_size,
         }
+        if config.noise_enabled and not config.relative:
+            ratios = [
+                noise_ratios(config.noise_std, run.update_rms, run.layer_rms)
+                for run in runs
+            ]
+            entry["sigma_over_update"] = summarize(
+                [r["sigma_over_update"] for r in ratios]
+            )
+            entry["sigma_over_layer_rms"] = {
+                name: _mean(r["sigma_over_layer_rms"][name] for r in ratios)
+                for name in ratios[0]["sigma_over_layer_rms"]
+            }
         baseline = noise_free_counterpart(config)
         if all((baseline, seed) in self.results for seed in seeds):
             base_finals = [self.results[(baseline, seed)].final for seed in seeds]
@@ -414,10 +478,49 @@ class SweepRunner:
                     "round": records[0].round,
                     "local_accuracy": _mean(r.local_accuracy_mean for r in records),
                     "averaged_accuracy": _mean(r.averaged_accuracy for r in records),
+                    "local_loss": _mean(r.local_loss_mean for r in records),
+                    "averaged_loss": _mean(r.averaged_loss for r in records),
+                    "local_accuracy_seeds": [r.local_accuracy_mean for r in records],
+                    "averaged_accuracy_seeds": [r.averaged_accuracy for r in records],
                 }
                 for records in zip(*(run.rounds for run in runs), strict=True)
             ]
+            entry["rounds_to_reach"] = {
+                model: {
+                    f"{level:g}": [
+                        rounds_to_reach(run.rounds, level, model=model) for run in runs
+                    ]
+                    for level in self.grid.accuracy_levels
+                }
+                for model in ("local", "averaged")
+            }
         return entry
+
+
+def rounds_to_reach(
+    records: Sequence[RoundRecord], level: float, *, model: str = "averaged"
+) -> int | None:
+    """Return the first round whose accuracy is at least ``level``, or ``None``.
+
+    Parameters
+    ----------
+    records : Sequence[RoundRecord]
+        Every round of a run (``record_rounds``).
+    level : float
+        The accuracy level, in ``[0, 1]``.
+    model : str (default: "averaged")
+        ``"averaged"``: the averaged model; ``"local"``: the learners' mean.
+
+    """
+    for record in records:
+        accuracy = (
+            record.averaged_accuracy
+            if model == "averaged"
+            else record.local_accuracy_mean
+        )
+        if accuracy >= level:
+            return record.round
+    return None
 
 
 def _mean(values: Any) -> float:
