@@ -112,3 +112,9 @@ def test_deep_tanh_trains():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_the_app_accepts_deep_tanh():
+    from flwr_noise_app.config import AppConfig
+
+    assert AppConfig.from_run_config({"model": "deep-tanh"}).model == "deep-tanh"

@@ -8,15 +8,17 @@ sweep runs each configuration once per seed and writes ``summary.json``,
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from flwr_noise.spec import DISTRIBUTIONS, SCHEDULES
-from flwr_noise_app.reproduce.report import write_report
+from flwr_noise_app.reproduce.report import SUMMARY_JSON, write_report
 from flwr_noise_app.reproduce.runner import (
     CORRELATIONS,
     INDEPENDENT,
@@ -24,7 +26,7 @@ from flwr_noise_app.reproduce.runner import (
     check_float,
     check_int,
 )
-from flwr_noise_app.reproduce.sweep import SweepGrid, SweepRunner
+from flwr_noise_app.reproduce.sweep import SweepGrid, SweepRunner, merge_summaries
 from flwr_noise_app.tasks.data import DATASETS, PARTITION_SCHEMES
 from flwr_noise_app.tasks.models import MODELS
 
@@ -211,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--threads", type=_int_at_least(1), default=None, help="torch CPU threads")
     add("--no-plots", action="store_true", help="skip the PNG plots")
     add("--quiet", action="store_true", help="no progress lines")
+    add(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="FOLDER",
+        help="instead of running: merge the summary.json of these folders "
+        "(the same sweep run with different --seeds) into one report in --out",
+    )
     add("--out", required=True, help="output folder")
     return parser
 
@@ -256,6 +266,18 @@ def _with_flags(message: str) -> str:
     return re.sub(pattern, lambda match: FLAGS[match.group(1)] + "=", message)
 
 
+def _with_seeds(command: Sequence[str], seeds: Sequence[str]) -> list[str]:
+    """Return ``command`` with its ``--seeds`` values replaced by ``seeds``."""
+    words = list(command)
+    if "--seeds" not in words:
+        return [*words, "--seeds", *seeds]
+    start = words.index("--seeds") + 1
+    end = start
+    while end < len(words) and not words[end].startswith("--"):
+        end += 1
+    return [*words[:start], *seeds, *words[end:]]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the sweep the arguments describe and write its report.
 
@@ -273,6 +295,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(arguments)
+    if args.merge is not None:
+        summaries = [
+            json.loads((Path(folder) / SUMMARY_JSON).read_text(encoding="utf-8"))
+            for folder in args.merge
+        ]
+        merged = merge_summaries(summaries)
+        command = summaries[0].get("command")
+        if command is not None:
+            seeds = [str(seed) for seed in merged["grid"]["seeds"]]
+            command = _with_seeds(command, seeds)
+        for path in write_report(
+            merged, args.out, command=command, plots=not args.no_plots
+        ):
+            print(f"wrote {path}")
+        return 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     progress = None if args.quiet else lambda line: print(line, flush=True)

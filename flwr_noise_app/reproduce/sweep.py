@@ -12,6 +12,7 @@ difference to the noise-free configuration with the same other settings.
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -295,6 +296,102 @@ def summarize(values: Sequence[float]) -> dict[str, Any]:
     array = np.asarray(values, dtype=np.float64)
     std = float(array.std(ddof=1)) if len(array) > 1 else 0.0
     return {"mean": float(array.mean()), "std": std, "values": array.tolist()}
+
+
+def merge_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Merge summaries of the same grid run with different seeds into one.
+
+    Long sweeps can run one process per seed; this joins their summaries as
+    if one sweep had run every seed. Configurations missing from any summary
+    are left out.
+
+    Parameters
+    ----------
+    summaries : Sequence[dict[str, Any]]
+        What ``run_sweep`` returned (or ``summary.json`` holds), one per seed
+        set.
+
+    Returns
+    -------
+    dict[str, Any]
+        One summary over the union of the seeds, in the given order.
+
+    Raises
+    ------
+    ValueError
+        If ``summaries`` is empty or two of them share a seed.
+
+    """
+    if not summaries:
+        raise validation.not_allowed("summaries", summaries, "at least one summary")
+    seeds = [seed for summary in summaries for seed in summary["grid"]["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise validation.not_allowed(
+            "summaries", f"<seeds {seeds}>", "summaries of disjoint seeds"
+        )
+    grid = {**summaries[0]["grid"], "seeds": seeds}
+    keyed = [
+        {json.dumps(e["config"], sort_keys=True): e for e in summary["entries"]}
+        for summary in summaries
+    ]
+    entries = [
+        _merge_entries([entries[key] for entries in keyed])
+        for key in keyed[0]
+        if all(key in entries for entries in keyed)
+    ]
+    return {
+        "format": SUMMARY_FORMAT,
+        "grid": grid,
+        "num_configurations": len(entries),
+        "entries": entries,
+    }
+
+
+def _merge_entries(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    weights = [len(part["seeds"]) for part in parts]
+
+    def weighted(values: Sequence[float]) -> float:
+        return float(np.average(values, weights=weights))
+
+    merged: dict[str, Any] = {}
+    for key, value in parts[0].items():
+        if isinstance(value, dict) and "values" in value:
+            merged[key] = summarize([v for part in parts for v in part[key]["values"]])
+        elif key == "seeds":
+            merged[key] = [seed for part in parts for seed in part["seeds"]]
+        elif key == "sigma_over_layer_rms":
+            merged[key] = {
+                name: weighted([part[key][name] for part in parts]) for name in value
+            }
+        elif key == "rounds_to_reach":
+            merged[key] = {
+                model: {
+                    level: [r for part in parts for r in part[key][model][level]]
+                    for level in levels
+                }
+                for model, levels in value.items()
+            }
+        elif key == "rounds":
+            merged[key] = [
+                _merge_round(records, weighted)
+                for records in zip(*(part["rounds"] for part in parts), strict=True)
+            ]
+        else:
+            merged[key] = value
+    return merged
+
+
+def _merge_round(
+    records: Sequence[dict[str, Any]], weighted: Callable[[Sequence[float]], float]
+) -> dict[str, Any]:
+    merged = {"round": records[0]["round"]}
+    for key in ("local_loss", "averaged_loss"):
+        merged[key] = weighted([record[key] for record in records])
+    for model in ("local", "averaged"):
+        values = [v for record in records for v in record[f"{model}_accuracy_seeds"]]
+        merged[f"{model}_accuracy"] = _mean(values)
+        merged[f"{model}_accuracy_seeds"] = values
+    return merged
 
 
 def noise_free_counterpart(config: ExperimentConfig) -> ExperimentConfig:
