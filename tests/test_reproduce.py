@@ -525,3 +525,37 @@ def test_rounds_to_reach_and_merged_seeds(tmp_path: Path) -> None:
     assert (
         "## Rounds to reach an accuracy level" in (tmp_path / "summary.md").read_text()
     )
+
+
+def test_a_sweep_split_by_seed_and_row_merges_into_the_whole() -> None:
+    from flwr_noise_app.reproduce.sweep import merge_summaries
+
+    whole = tiny_grid(placements=("local",), sam_rhos=(0.5,))
+    parts = []
+    for seed in whole.seeds:
+        parts += [
+            run_sweep(replace(whole, noise_stds=(0.0,), sam_rhos=(), seeds=(seed,))),
+            run_sweep(
+                replace(
+                    whole,
+                    noise_stds=(0.01,),
+                    sam_rhos=(),
+                    seeds=(seed,),
+                    serial_baselines=False,
+                )
+            ),
+            run_sweep(
+                replace(whole, noise_stds=(), seeds=(seed,), serial_baselines=False)
+            ),
+        ]
+    assert "serial_accuracy" not in parts[1]["entries"][0]
+    assert "local_gain" not in parts[2]["entries"][0]
+    merged = merge_summaries(parts)
+    expected = run_sweep(whole)
+    assert [e["config"] for e in merged["entries"]] == [
+        e["config"] for e in expected["entries"]
+    ]
+    for ours, theirs in zip(merged["entries"], expected["entries"], strict=True):
+        assert ours.keys() == theirs.keys()
+        for key in ("local_gain", "averaged_gain", "serial_accuracy", "local_loss"):
+            assert ours[key]["values"] == pytest.approx(theirs[key]["values"]), key

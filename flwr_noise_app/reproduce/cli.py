@@ -146,10 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--noise-std",
-        nargs="+",
+        nargs="*",
         type=_float(positive=False),
         default=[0.0, 0.001, 0.003, 0.01, 0.03],
-        help="noise standard deviations (0: no noise)",
+        help="noise standard deviations (0: no noise); none at all: SAM rows only",
     )
     add("--schedule", nargs="+", choices=SCHEDULES, default=["constant"])
     add(
@@ -210,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="evaluate every round, not only the last",
     )
+    add(
+        "--no-serial",
+        action="store_true",
+        help="skip the serial baselines (e.g. in all but one process of a "
+        "sweep split over processes; --merge joins them)",
+    )
     add("--threads", type=_int_at_least(1), default=None, help="torch CPU threads")
     add("--no-plots", action="store_true", help="skip the PNG plots")
     add("--quiet", action="store_true", help="no progress lines")
@@ -219,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="FOLDER",
         help="instead of running: merge the summary.json of these folders "
-        "(the same sweep run with different --seeds) into one report in --out",
+        "(one sweep split over processes by --seeds and by rows) into one "
+        "report in --out",
     )
     add("--out", required=True, help="output folder")
     return parser
@@ -257,6 +264,7 @@ def grid_from_args(args: argparse.Namespace) -> SweepGrid:
         correlations=tuple(args.correlation),
         sam_rhos=tuple(args.sam_rho),
         accuracy_levels=tuple(args.accuracy_levels),
+        serial_baselines=not args.no_serial,
     )
 
 

@@ -206,8 +206,10 @@ def markdown_summary(summary: dict[str, Any]) -> str:
             if noisy and "averaged_gain" in entry
             else "",
             _loss(entry["averaged_loss"]) if "averaged_loss" in entry else "",
-            _percent(entry["serial_accuracy"]),
-            _percent(entry["serial_large_batch_accuracy"]),
+            *(
+                _percent(entry[name]) if name in entry else ""
+                for name in ("serial_accuracy", "serial_large_batch_accuracy")
+            ),
             *_ratios(entry),
         ]
         lines.append("| " + " | ".join(row) + " |")
@@ -364,13 +366,14 @@ def plot_accuracy_per_round(summary: dict[str, Any], out_dir: Path) -> list[Path
                         [100 * record[metric] for record in rounds],
                         label=_noise_label(entry["config"]),
                     )
-                axis.axhline(
-                    100 * group[0]["serial_accuracy"]["mean"],
-                    color="black",
-                    linestyle="--",
-                    linewidth=1,
-                    label="serial, batch B",
-                )
+                if "serial_accuracy" in group[0]:
+                    axis.axhline(
+                        100 * group[0]["serial_accuracy"]["mean"],
+                        color="black",
+                        linestyle="--",
+                        linewidth=1,
+                        label="serial, batch B",
+                    )
                 axis.grid(True, alpha=0.3)
             axes[0][column].set_title(_title(settings, key, model), fontsize=9)
             axes[1][column].set_xlabel("round")
@@ -404,20 +407,18 @@ def _plot_group(
             label=label,
         )
     reference = group[0]
-    axis.axhline(
-        100 * reference["serial_accuracy"]["mean"],
-        color="black",
-        linestyle="--",
-        linewidth=1,
-        label="serial, batch B",
-    )
-    axis.axhline(
-        100 * reference["serial_large_batch_accuracy"]["mean"],
-        color="grey",
-        linestyle=":",
-        linewidth=1,
-        label="serial, batch m·B",
-    )
+    for name, style, color, label in (
+        ("serial_accuracy", "--", "black", "serial, batch B"),
+        ("serial_large_batch_accuracy", ":", "grey", "serial, batch m·B"),
+    ):
+        if name in reference:
+            axis.axhline(
+                100 * reference[name]["mean"],
+                color=color,
+                linestyle=style,
+                linewidth=1,
+                label=label,
+            )
     if positive_stds:
         axis.set_xscale("symlog", linthresh=min(positive_stds))
     axis.grid(True, alpha=0.3)

@@ -65,7 +65,8 @@ class SweepGrid:
         runs with different b see the same number of samples (and share their
         serial baselines). Every b must divide it.
     noise_stds : tuple[float, ...] (default: (0, 1e-3, 3e-3, 1e-2, 3e-2))
-        Noise standard deviations; include 0 for the paired comparison.
+        Noise standard deviations; include 0 for the paired comparison. May
+        be empty when ``sam_rhos`` is not (SAM rows only).
     schedules : tuple[str, ...] (default: ("constant",))
         Noise schedules.
     relative : tuple[bool, ...] (default: (False,))
@@ -99,6 +100,10 @@ class SweepGrid:
         take SAM steps of that radius.
     accuracy_levels : tuple[float, ...] (default: (0.5, 0.8, 0.9))
         Accuracy levels of the rounds-to-reach table (with ``record_rounds``).
+    serial_baselines : bool (default: True)
+        Train the serial baselines; ``False`` leaves them out of the summary
+        (another run of the same settings can supply them, see
+        ``merge_summaries``).
 
     Raises
     ------
@@ -130,6 +135,7 @@ class SweepGrid:
     correlations: tuple[str, ...] = (INDEPENDENT,)
     sam_rhos: tuple[float, ...] = ()
     accuracy_levels: tuple[float, ...] = (0.5, 0.8, 0.9)
+    serial_baselines: bool = True
 
     def __post_init__(self) -> None:
         for name in (
@@ -153,7 +159,7 @@ class SweepGrid:
                 raise TypeError(
                     f"{name}={values!r} is not allowed: expected a tuple of values"
                 )
-            if not values:
+            if not values and not (name == "noise_stds" and self.sam_rhos):
                 raise ValueError(
                     f"{name}={values!r} is not allowed: expected at least one value"
                 )
@@ -298,18 +304,43 @@ def summarize(values: Sequence[float]) -> dict[str, Any]:
     return {"mean": float(array.mean()), "std": std, "values": array.tolist()}
 
 
-def merge_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Merge summaries of the same grid run with different seeds into one.
+SERIAL_FIELDS = (
+    "serial_accuracy",
+    "serial_large_batch_accuracy",
+    "serial_loss",
+    "serial_large_batch_loss",
+    "serial_steps",
+    "serial_large_batch_steps",
+    "serial_large_batch_size",
+)
 
-    Long sweeps can run one process per seed; this joins their summaries as
-    if one sweep had run every seed. Configurations missing from any summary
-    are left out.
+
+def _paired_gains(
+    finals: Sequence[tuple[float, float]], baselines: Sequence[tuple[float, float]]
+) -> dict[str, Any]:
+    """Paired (same seed) local and averaged gains over the noise-free row."""
+    pairs = list(zip(finals, baselines, strict=True))
+    return {
+        "local_gain": summarize([f[0] - b[0] for f, b in pairs]),
+        "averaged_gain": summarize([f[1] - b[1] for f, b in pairs]),
+    }
+
+
+def merge_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Merge summaries of one sweep split over processes into one summary.
+
+    Long sweeps can run one process per seed and per row (``--seeds``, and
+    ``--no-serial`` for all but one of the rows of a setting). Summaries of
+    the same seeds are first joined row by row: a row without serial
+    baselines takes them from a row of the same setting that has them, and a
+    row without paired gains gets them from its noise-free row. The groups
+    of different seeds are then merged as if one sweep had run every seed;
+    configurations missing from any group are left out.
 
     Parameters
     ----------
     summaries : Sequence[dict[str, Any]]
-        What ``run_sweep`` returned (or ``summary.json`` holds), one per seed
-        set.
+        What ``run_sweep`` returned (or ``summary.json`` holds).
 
     Returns
     -------
@@ -319,11 +350,15 @@ def merge_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     Raises
     ------
     ValueError
-        If ``summaries`` is empty or two of them share a seed.
+        If ``summaries`` is empty or two groups share a seed.
 
     """
     if not summaries:
         raise validation.not_allowed("summaries", summaries, "at least one summary")
+    groups: dict[tuple[int, ...], list[dict[str, Any]]] = {}
+    for summary in summaries:
+        groups.setdefault(tuple(summary["grid"]["seeds"]), []).append(summary)
+    summaries = [_join_rows(group) for group in groups.values()]
     seeds = [seed for summary in summaries for seed in summary["grid"]["seeds"]]
     if len(set(seeds)) != len(seeds):
         raise validation.not_allowed(
@@ -331,7 +366,7 @@ def merge_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
         )
     grid = {**summaries[0]["grid"], "seeds": seeds}
     keyed = [
-        {json.dumps(e["config"], sort_keys=True): e for e in summary["entries"]}
+        {_entry_key(e["config"]): e for e in summary["entries"]}
         for summary in summaries
     ]
     entries = [
@@ -345,6 +380,48 @@ def merge_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "num_configurations": len(entries),
         "entries": entries,
     }
+
+
+def _entry_key(config: dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True)
+
+
+def _join_rows(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Join summaries of the same seeds and different rows into one."""
+    entries: dict[str, dict[str, Any]] = {}
+    for summary in summaries:
+        for entry in summary["entries"]:
+            entries.setdefault(_entry_key(entry["config"]), dict(entry))
+    serial: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for entry in entries.values():
+        if "serial_accuracy" in entry:
+            key = ExperimentConfig(**entry["config"]).serial_key()
+            serial.setdefault(key, {name: entry[name] for name in SERIAL_FIELDS})
+    for entry in entries.values():
+        config = ExperimentConfig(**entry["config"])
+        if "serial_accuracy" not in entry and config.serial_key() in serial:
+            entry.update(serial[config.serial_key()])
+        base = entries.get(_entry_key(noise_free_counterpart(config).to_dict()))
+        if "local_gain" not in entry and base is not None:
+            entry.update(
+                _paired_gains(
+                    list(
+                        zip(
+                            entry["local_accuracy"]["values"],
+                            entry["averaged_accuracy"]["values"],
+                            strict=True,
+                        )
+                    ),
+                    list(
+                        zip(
+                            base["local_accuracy"]["values"],
+                            base["averaged_accuracy"]["values"],
+                            strict=True,
+                        )
+                    ),
+                )
+            )
+    return {**summaries[0], "entries": list(entries.values())}
 
 
 def _merge_entries(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -489,15 +566,17 @@ class SweepRunner:
                     config, seed, data=self.data(config, seed), device=self._device
                 )
                 self.results[(config, seed)] = result
-                serial = self.serial(config, seed, large_batch=False)
-                large = self.serial(config, seed, large_batch=True)
+                serial = ""
+                if self.grid.serial_baselines:
+                    small = self.serial(config, seed, large_batch=False)
+                    large = self.serial(config, seed, large_batch=True)
+                    serial = f", serial {small.accuracy:.4f} / {large.accuracy:.4f}"
                 done += 1
                 if self._progress is not None:
                     self._progress(
                         f"[{done}/{total}] {describe(config)} seed={seed}: local "
                         f"{result.final.local_accuracy_mean:.4f}, averaged "
-                        f"{result.final.averaged_accuracy:.4f}, serial "
-                        f"{serial.accuracy:.4f} / {large.accuracy:.4f} "
+                        f"{result.final.averaged_accuracy:.4f}{serial} "
                         f"({result.seconds:.1f} s)"
                     )
             if checkpoint is not None:
@@ -522,8 +601,6 @@ class SweepRunner:
         seeds = self.grid.seeds
         runs = [self.results[(config, seed)] for seed in seeds]
         finals = [run.final for run in runs]
-        serial = [self.serial(config, seed, large_batch=False) for seed in seeds]
-        large = [self.serial(config, seed, large_batch=True) for seed in seeds]
         entry: dict[str, Any] = {
             "config": config.to_dict(),
             "seeds": list(seeds),
@@ -533,15 +610,24 @@ class SweepRunner:
             "averaged_accuracy": summarize([f.averaged_accuracy for f in finals]),
             "local_loss": summarize([f.local_loss_mean for f in finals]),
             "averaged_loss": summarize([f.averaged_loss for f in finals]),
-            "serial_accuracy": summarize([s.accuracy for s in serial]),
-            "serial_large_batch_accuracy": summarize([s.accuracy for s in large]),
-            "serial_loss": summarize([s.loss for s in serial]),
-            "serial_large_batch_loss": summarize([s.loss for s in large]),
             "update_rms": summarize([run.update_rms for run in runs]),
-            "serial_steps": serial[0].steps,
-            "serial_large_batch_steps": large[0].steps,
-            "serial_large_batch_size": large[0].batch_size,
         }
+        if self.grid.serial_baselines:
+            serial = [self.serial(config, seed, large_batch=False) for seed in seeds]
+            large = [self.serial(config, seed, large_batch=True) for seed in seeds]
+            entry.update(
+                {
+                    "serial_accuracy": summarize([s.accuracy for s in serial]),
+                    "serial_large_batch_accuracy": summarize(
+                        [s.accuracy for s in large]
+                    ),
+                    "serial_loss": summarize([s.loss for s in serial]),
+                    "serial_large_batch_loss": summarize([s.loss for s in large]),
+                    "serial_steps": serial[0].steps,
+                    "serial_large_batch_steps": large[0].steps,
+                    "serial_large_batch_size": large[0].batch_size,
+                }
+            )
         if config.noise_enabled and not config.relative:
             ratios = [
                 noise_ratios(config.noise_std, run.update_rms, run.layer_rms)
@@ -557,17 +643,11 @@ class SweepRunner:
         baseline = noise_free_counterpart(config)
         if all((baseline, seed) in self.results for seed in seeds):
             base_finals = [self.results[(baseline, seed)].final for seed in seeds]
-            entry["local_gain"] = summarize(
-                [
-                    f.local_accuracy_mean - b.local_accuracy_mean
-                    for f, b in zip(finals, base_finals, strict=True)
-                ]
-            )
-            entry["averaged_gain"] = summarize(
-                [
-                    f.averaged_accuracy - b.averaged_accuracy
-                    for f, b in zip(finals, base_finals, strict=True)
-                ]
+            entry.update(
+                _paired_gains(
+                    [(f.local_accuracy_mean, f.averaged_accuracy) for f in finals],
+                    [(b.local_accuracy_mean, b.averaged_accuracy) for b in base_finals],
+                )
             )
         if config.record_rounds:
             entry["rounds"] = [
