@@ -6,6 +6,7 @@ import math
 import numbers
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,6 +27,13 @@ class WeightNoise:
     ``seeding.torch_generator(spec.seed, client=..., server_round=...,
     purpose=...)``, is consumed application after application. With a disabled
     spec (``std == 0``) everything is a no-op and the weights stay bit-identical.
+
+    With ``spec.correlation == "anticorrelated"`` the model carries at most one
+    draw, the *pending* one: each application first removes the pending draw
+    (the exact change it made, kept beside the weights) and then adds a fresh
+    one; :meth:`clean` removes it. Under :meth:`attach` the pending draw is
+    removed before each optimizer step, so the gradient is taken at the
+    perturbed weights and the optimizer steps the clean ones (Anti-PGD).
 
     Build it after the model is on its device: the noise buffers are allocated
     once, beside the parameters.
@@ -96,6 +104,7 @@ class WeightNoise:
         self._start_step = int(start_step)
         self._applications = 0
         self._last_sigma = 0.0
+        self._pending = False
         self._noise: FlatTensorNoise | None = None
         selected = [
             (name, parameter)
@@ -148,15 +157,48 @@ class WeightNoise:
             return max(self.server_round - 1, 0)
         return self.step
 
+    @property
+    def anticorrelated(self) -> bool:
+        """Whether the spec's correlation is ``"anticorrelated"``."""
+        return self.spec.correlation == "anticorrelated"
+
+    @property
+    def pending(self) -> bool:
+        """Whether the model carries an anticorrelated draw not yet removed."""
+        return self._pending
+
     def _apply(self, noise: FlatTensorNoise) -> float:
         sigma = self.spec.sigma_at(self._schedule_time())
-        noise.apply(sigma)
+        if self.anticorrelated:
+            self.clean()
+            noise.apply(sigma, removable=True)
+            self._pending = True
+        else:
+            noise.apply(sigma)
         self._applications += 1
         self._last_sigma = sigma
         return sigma
 
+    def clean(self) -> None:
+        """Remove the pending anticorrelated draw, if any, from the model.
+
+        Afterwards the weights are the clean ones: exactly, wherever
+        ``|w| >= |e|``, else within half an ulp of the draw ``e``. A no-op
+        without a pending draw, and for ``correlation="independent"``, whose
+        draws stay in the weights by definition. Client code calls it when
+        training ends, so the model it sends back is clean.
+        """
+        if self._pending and self._noise is not None:
+            self._noise.remove()
+        self._pending = False
+
     def perturb(self) -> NoiseReport:
         """Add noise once now and advance :attr:`step`.
+
+        With ``correlation="independent"`` the draw stays in the weights. With
+        ``"anticorrelated"`` it replaces the pending draw (if any) and is
+        itself pending: :meth:`clean`, or the next optimizer step under
+        :meth:`attach`, removes it.
 
         Returns
         -------
@@ -176,8 +218,12 @@ class WeightNoise:
     def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
         """Add noise after every ``optimizer.step()``.
 
-        Uses ``optimizer.register_step_post_hook``; attaching twice adds the
-        noise twice per step.
+        Uses ``optimizer.register_step_post_hook`` (and, for anticorrelated
+        noise, ``register_step_pre_hook``, which removes the pending draw
+        before the step; an optimizer that evaluates a closure inside
+        ``step()``, such as LBFGS, then sees the clean weights there).
+        Attaching twice adds independent noise twice per step; anticorrelated
+        noise stays one draw.
 
         Parameters
         ----------
@@ -187,8 +233,10 @@ class WeightNoise:
         Returns
         -------
         torch.utils.hooks.RemovableHandle
-            ``handle.remove()`` stops the noise. With a disabled spec no hook
-            is registered and the handle does nothing.
+            ``handle.remove()`` stops the noise and, for anticorrelated noise,
+            removes the pending draw (:meth:`clean`), so the model is clean.
+            With a disabled spec no hook is registered and the handle does
+            nothing.
 
         """
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -205,7 +253,17 @@ class WeightNoise:
         ) -> None:
             self._apply(noise)
 
-        return optimizer.register_step_post_hook(add_noise_after_step)
+        post = optimizer.register_step_post_hook(add_noise_after_step)
+        if not self.anticorrelated:
+            return post
+
+        def remove_noise_before_step(
+            _optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any
+        ) -> None:
+            self.clean()
+
+        pre = optimizer.register_step_pre_hook(remove_noise_before_step)
+        return _CleaningHandle((pre, post), self.clean)
 
     def report(self) -> NoiseReport:
         """Return what was added since construction (one host sync).
@@ -229,3 +287,22 @@ class WeightNoise:
             numel=self._noise.numel,
             applications=self._applications,
         )
+
+
+class _CleaningHandle(RemovableHandle):
+    """Removes several hooks at once, then calls ``on_remove`` (once)."""
+
+    def __init__(
+        self, handles: tuple[RemovableHandle, ...], on_remove: Callable[[], None]
+    ) -> None:
+        super().__init__(OrderedDict())
+        self._handles = handles
+        self._on_remove: Callable[[], None] | None = on_remove
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        super().remove()
+        on_remove, self._on_remove = self._on_remove, None
+        if on_remove is not None:
+            on_remove()

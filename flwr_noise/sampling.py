@@ -189,15 +189,18 @@ def perturb_arrays(
             perturbed[name] = array
             continue
         weights = array.astype(np.float64)
-        scale = sigma
-        if spec.relative:
-            scale *= math.sqrt(float(np.mean(weights**2))) if weights.size else 0.0
-        noise = sample_numpy(rng, array.shape, scale, spec.distribution, np.float64)
-        if spec.mode == "multiplicative":
-            noise *= weights
-        new_array = (weights + noise).astype(array.dtype)
-        change = new_array.astype(np.float64) - weights
-        squared_norm += float(np.dot(change.ravel(), change.ravel()))
+        noise = sample_numpy(rng, array.shape, sigma, spec.distribution, np.float64)
+        # Weights from the wire may be huge or not finite: the scales below
+        # then give inf or nan noise (a non-finite result the caller rejects),
+        # never an exception.
+        with np.errstate(all="ignore"):
+            if spec.relative and weights.size:
+                noise *= math.sqrt(float(np.mean(weights**2)))
+            if spec.mode == "multiplicative":
+                noise *= weights
+            new_array = (weights + noise).astype(array.dtype)
+            change = new_array.astype(np.float64) - weights
+            squared_norm += float(np.dot(change.ravel(), change.ravel()))
         numel += array.size
         perturbed[name] = new_array
     report = NoiseReport(sigma=sigma, l2_norm=math.sqrt(squared_norm), numel=numel)
@@ -269,11 +272,25 @@ class _TensorGroup:
             offset += size
         self.scratch = torch.empty_like(self.buffer) if needs_scratch else None
         self.inverse_sqrt_numels = [1.0 / math.sqrt(t.numel()) for t in tensors]
-        # Norms stay on the device: accumulators of at least float32, updated
-        # without allocating and read (one host sync) only when asked.
+        # Norms and scales are computed in at least float32 (an fp16 norm
+        # overflows at 65504), stay on the device, and the norms are read
+        # (one host sync) only when asked.
         self.norm_dtype = torch.promote_types(first.dtype, torch.float32)
         self.last_norm = torch.zeros((), device=first.device, dtype=self.norm_dtype)
         self.squared_norm_sum = torch.zeros_like(self.last_norm)
+
+    def rms_scales(self, sigma: float) -> list[torch.Tensor]:
+        """``sigma * RMS`` of each tensor, as 0-dim tensors of ``norm_dtype``."""
+        if self.norm_dtype == self.buffer.dtype:
+            scales = list(torch._foreach_norm(self.tensors))
+        else:
+            scales = [
+                torch.linalg.vector_norm(tensor, dtype=self.norm_dtype)
+                for tensor in self.tensors
+            ]
+        torch._foreach_mul_(scales, self.inverse_sqrt_numels)
+        torch._foreach_mul_(scales, sigma)
+        return scales
 
 
 class FlatTensorNoise:
@@ -283,7 +300,9 @@ class FlatTensorNoise:
     flat buffer and views into it. Each application fills every buffer with one
     in-place draw and adds it with fused ``torch._foreach_*`` ops, under
     ``torch.no_grad`` on the tensors' own device. ``relative`` scaling computes
-    one small RMS tensor per tensor (``torch._foreach_norm``).
+    one small RMS tensor per tensor, in at least float32. An application made
+    with ``removable=True`` keeps the exact change it made in the buffer, so
+    :meth:`remove` can take it out again (anticorrelated noise).
 
     Parameters
     ----------
@@ -341,32 +360,53 @@ class FlatTensorNoise:
         self.numel = sum(group.numel for group in self._groups)
 
     @torch.no_grad()
-    def apply(self, sigma: float) -> None:
-        """Add one draw of noise with standard deviation ``sigma`` in place."""
+    def apply(self, sigma: float, *, removable: bool = False) -> None:
+        """Add one draw of noise with standard deviation ``sigma`` in place.
+
+        Parameters
+        ----------
+        sigma : float
+            Standard deviation of this draw (before ``relative`` scaling).
+        removable : bool (default: False)
+            Keep the change exactly as applied, for :meth:`remove`: the buffer
+            becomes ``fl(w + e) - w`` (exact when ``|w| >= |e|``; otherwise
+            off by at most half an ulp of ``e``), costing two more passes.
+
+        """
         for group in self._groups:
             if sigma == 0:
                 group.last_norm.zero_()
+                if removable:
+                    group.buffer.zero_()
                 continue
-            fill_noise_(
-                group.buffer,
-                sigma,
-                self.distribution,
-                self._generators[group.buffer.device],
-                group.scratch,
-            )
+            generator = self._generators[group.buffer.device]
             if self.relative:
-                scales = torch._foreach_norm(group.tensors)
-                torch._foreach_mul_(scales, group.inverse_sqrt_numels)
-                torch._foreach_mul_(group.views, scales)
+                fill_noise_(
+                    group.buffer, 1.0, self.distribution, generator, group.scratch
+                )
+                torch._foreach_mul_(group.views, group.rms_scales(sigma))
+            else:
+                fill_noise_(
+                    group.buffer, sigma, self.distribution, generator, group.scratch
+                )
             if self.mode == "multiplicative":
                 # w * (1 + e) = w + w * e: turn the buffer into the change itself.
                 torch._foreach_mul_(group.views, group.tensors)
+            if removable:
+                torch._foreach_add_(group.views, group.tensors)
+                torch._foreach_sub_(group.views, group.tensors)
             torch._foreach_add_(group.tensors, group.views)
             if self.track_norm:
                 torch.linalg.vector_norm(
                     group.buffer, dtype=group.norm_dtype, out=group.last_norm
                 )
                 group.squared_norm_sum.addcmul_(group.last_norm, group.last_norm)
+
+    @torch.no_grad()
+    def remove(self) -> None:
+        """Subtract the change of the last ``apply(..., removable=True)``."""
+        for group in self._groups:
+            torch._foreach_sub_(group.tensors, group.views)
 
     def last_l2_norm(self) -> float:
         """L2 norm of the last application's change (one host sync)."""

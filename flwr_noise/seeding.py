@@ -8,7 +8,18 @@ import numbers
 import numpy as np
 import torch
 
-PURPOSES = ("local", "broadcast", "aggregation", "mod-received", "mod-update", "data")
+from flwr_noise.validation import allowed_choices, not_allowed
+
+PURPOSES = (
+    "local",
+    "broadcast",
+    "aggregation",
+    "received",
+    "mod-update",
+    "data",
+)
+# Older names of a purpose; an alias draws exactly the stream of its target.
+PURPOSE_ALIASES = {"mod-received": "received"}
 # Client key of the server-side aggregation stream (no partition has it).
 AGGREGATE_CLIENT = -1
 
@@ -34,6 +45,27 @@ def _client_key(client: int | str) -> tuple[int, int]:
     )
 
 
+def purpose_key(purpose: str) -> int:
+    """Return the stable spawn-key entry of a stream purpose.
+
+    The first 4 bytes (little-endian) of the SHA-256 of the purpose's name, so
+    adding, removing or reordering purposes never changes another's streams.
+    An alias in ``PURPOSE_ALIASES`` gets the key of the purpose it names.
+
+    Raises
+    ------
+    ValueError
+        If ``purpose`` is neither in ``PURPOSES`` nor in ``PURPOSE_ALIASES``.
+
+    """
+    name = PURPOSE_ALIASES.get(purpose, purpose) if isinstance(purpose, str) else None
+    if name not in PURPOSES:
+        raise not_allowed(
+            "purpose", purpose, allowed_choices(PURPOSES + tuple(PURPOSE_ALIASES))
+        )
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:4], "little")
+
+
 def noise_seed_sequence(
     seed: int | None, *, client: int | str, server_round: int, purpose: str
 ) -> np.random.SeedSequence:
@@ -51,12 +83,13 @@ def noise_seed_sequence(
     server_round : int
         The Flower round, ``>= 0``.
     purpose : str
-        One of ``PURPOSES``.
+        One of ``PURPOSES`` (or an alias in ``PURPOSE_ALIASES``).
 
     Returns
     -------
     np.random.SeedSequence
-        ``SeedSequence(seed, spawn_key=(client kind, client, round, purpose))``:
+        ``SeedSequence(seed, spawn_key=(client kind, client, round,
+        purpose_key(purpose)))``:
         the same arguments give the same stream, any difference gives an
         independent one.
 
@@ -84,12 +117,7 @@ def noise_seed_sequence(
         raise ValueError(
             f"server_round={server_round!r} is not allowed: expected an int >= 0"
         )
-    if purpose not in PURPOSES:
-        raise ValueError(
-            f"purpose={purpose!r} is not allowed: expected one of "
-            + ", ".join(repr(known) for known in PURPOSES)
-        )
-    spawn_key = (client_kind, client_value, int(server_round), PURPOSES.index(purpose))
+    spawn_key = (client_kind, client_value, int(server_round), purpose_key(purpose))
     entropy = None if seed is None else int(seed)
     return np.random.SeedSequence(entropy=entropy, spawn_key=spawn_key)
 
@@ -116,7 +144,15 @@ def torch_generator(
     device: torch.device | str = "cpu",
     substream: int = 0,
 ) -> torch.Generator:
-    """Return a ``torch.Generator`` on ``device`` seeded from the stream.
+    """Return a ``torch.Generator`` on ``device`` set from the stream.
+
+    The generator carries the full entropy (128 bits) of the sub-stream's seed
+    sequence, so two streams never share a generator state by a collision of
+    short seeds: on the CPU its whole mt19937 state (624 words) is drawn from
+    numpy's ``PCG64`` seeded with the sequence; on CUDA the sequence sets the
+    Philox seed (64 bits) and offset (60 bits); on other devices
+    ``manual_seed`` takes 64 bits of it. (``manual_seed`` alone would keep only
+    32 bits on the CPU.)
 
     Parameters
     ----------
@@ -127,7 +163,7 @@ def torch_generator(
     server_round : int
         The Flower round, ``>= 0``.
     purpose : str
-        One of ``PURPOSES``.
+        One of ``PURPOSES`` (or an alias in ``PURPOSE_ALIASES``).
     device : torch.device | str (default: "cpu")
         The device the generator draws on (that of the tensors it fills).
     substream : int (default: 0)
@@ -137,17 +173,60 @@ def torch_generator(
     Returns
     -------
     torch.Generator
-        Seeded with 64 bits of the seed sequence's ``generate_state``.
+        A new generator; the same arguments give the same draws.
 
     """
     if not isinstance(substream, int) or isinstance(substream, bool) or substream < 0:
-        raise ValueError(
-            f"substream={substream!r} is not allowed: expected an int >= 0"
-        )
-    sequence = noise_seed_sequence(
+        raise not_allowed("substream", substream, "an int >= 0")
+    stream = noise_seed_sequence(
         seed, client=client, server_round=server_round, purpose=purpose
     )
-    state = sequence.generate_state(substream + 1, dtype=np.uint64)[substream]
+    # A torch sub-stream extends the stream's spawn key by (substream,): a
+    # longer key, so it equals neither the stream's own (numpy) sequence nor
+    # any other stream's.
+    sequence = np.random.SeedSequence(
+        entropy=stream.entropy, spawn_key=(*stream.spawn_key, substream)
+    )
     generator = torch.Generator(device=device)
-    generator.manual_seed(int(state))
+    if generator.device.type == "cpu":
+        generator.set_state(_mt19937_state(sequence))
+    elif generator.device.type == "cuda":
+        generator.set_state(_philox_state(sequence))
+    else:
+        generator.manual_seed(int(sequence.generate_state(1, dtype=np.uint64)[0]))
     return generator
+
+
+# torch's CPU generator state (CPUGeneratorImplState): uint64 seed, int32
+# left, int32 seeded, uint64 next, uint64 state[624], then 40 bytes of cached
+# normal samples (all zero: none cached).
+_MT19937_WORDS = 624
+_CPU_STATE_BYTES = 5056
+
+
+def _mt19937_state(sequence: np.random.SeedSequence) -> torch.Tensor:
+    # The 624 state words come from PCG64 seeded with the whole sequence (its
+    # 128-bit pool): as good as numpy's MT19937(sequence), about 10x cheaper.
+    words = np.random.PCG64(sequence).random_raw(_MT19937_WORDS // 2)
+    key = words.view(np.uint32).astype(np.uint64)
+    # As numpy does: the top bit of word 0 set, so the state is never all zero
+    # (mt19937 uses only that bit of word 0).
+    key[0] |= 0x80000000
+    header = np.zeros(3, dtype=np.uint64)
+    # seed (what initial_seed() reports): 64 bits of the state; left = 1 and
+    # seeded = 1 (one uint64); next = 0. left = 1 makes the first draw
+    # regenerate the state from the key, as after manual_seed.
+    header[0] = words[1]
+    header[1] = 1 | (1 << 32)
+    state = np.zeros(_CPU_STATE_BYTES, dtype=np.uint8)
+    body = np.concatenate([header, key]).astype("<u8").view(np.uint8)
+    state[: body.size] = body
+    return torch.from_numpy(state)
+
+
+def _philox_state(sequence: np.random.SeedSequence) -> torch.Tensor:
+    seed, offset = sequence.generate_state(2, dtype=np.uint64)
+    # CUDAGeneratorImpl state: uint64 seed, int64 offset. The offset must be
+    # a multiple of 4 and stay far from int64's end (it grows with every draw).
+    state = np.array([int(seed), (int(offset) >> 4) << 2], dtype="<u8")
+    return torch.from_numpy(state.view(np.uint8).copy())

@@ -10,15 +10,21 @@ from typing import Any
 
 from flwr_noise.validation import (
     check_bool,
+    check_patterns,
     check_real,
     choice_checker,
     is_integer,
+    not_allowed,
 )
 
 DISTRIBUTIONS = ("gaussian", "uniform", "laplace")
 MODES = ("additive", "multiplicative")
 SCHEDULES = ("constant", "exponential", "inverse-sqrt", "polynomial")
 SCHEDULE_UNITS = ("step", "round")
+CORRELATIONS = ("independent", "anticorrelated")
+# Upper bound of std: beyond it no noise is meaningful, and draws such as a
+# uniform on [-sqrt(3) std, sqrt(3) std] would overflow.
+MAX_STD = 1e6
 SEED_LIMIT = 2**63
 # A ConfigRecord cannot carry None, so "no seed" travels as this value.
 CONFIG_NO_SEED = -1
@@ -27,7 +33,7 @@ ConfigValue = int | float | str | bool | list[str]
 
 
 def _validate_std(label: str, value: Any) -> float:
-    return check_real(label, value, low=0.0)
+    return check_real(label, value, low=0.0, high=MAX_STD)
 
 
 def _validate_decay(label: str, value: Any) -> float:
@@ -36,23 +42,6 @@ def _validate_decay(label: str, value: Any) -> float:
 
 def _validate_gamma(label: str, value: Any) -> float:
     return check_real(label, value, low=0.0, low_open=True)
-
-
-def _validate_patterns(label: str, value: Any) -> tuple[str, ...]:
-    expected = "a list or tuple of regular expressions (str)"
-    if not isinstance(value, list | tuple) or not all(
-        isinstance(pattern, str) for pattern in value
-    ):
-        raise TypeError(f"{label}={value!r} is not allowed: expected {expected}")
-    for pattern in value:
-        try:
-            re.compile(pattern)
-        except re.error as error:
-            raise ValueError(
-                f"{label}={value!r} is not allowed: {pattern!r} is not a valid "
-                f"regular expression ({error}); expected {expected}"
-            ) from None
-    return tuple(value)
 
 
 def _validate_seed(label: str, value: Any) -> int | None:
@@ -75,10 +64,23 @@ _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "decay": _validate_decay,
     "gamma": _validate_gamma,
     "schedule_unit": choice_checker(SCHEDULE_UNITS),
-    "include": _validate_patterns,
-    "exclude": _validate_patterns,
+    "include": check_patterns,
+    "exclude": check_patterns,
     "seed": _validate_seed,
+    "correlation": choice_checker(CORRELATIONS),
 }
+# Keys that a record from an older sender may lack, with the value they mean.
+_OPTIONAL_CONFIG_FIELDS = {"correlation": "independent"}
+
+
+def _check_combination(values: Mapping[str, Any], label: Callable[[str], str]) -> None:
+    if values["relative"] and values["mode"] == "multiplicative":
+        raise not_allowed(
+            label("relative"),
+            True,
+            "False with mode='multiplicative': multiplicative noise w * (1 + e) "
+            "is already relative to each weight",
+        )
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,8 @@ class NoiseSpec:
     Parameters
     ----------
     std : float (default: 0.0)
-        Base standard deviation ``sigma >= 0``; ``0`` turns the noise off.
+        Base standard deviation, ``0 <= sigma <= 1e6`` (``MAX_STD``); ``0``
+        turns the noise off.
     distribution : str (default: "gaussian")
         ``"gaussian"``, ``"uniform"`` (on ``[-sqrt(3) sigma, sqrt(3) sigma]``) or
         ``"laplace"`` (scale ``sigma / sqrt(2)``).
@@ -99,7 +102,9 @@ class NoiseSpec:
         ``"additive"``: ``w + e``; ``"multiplicative"``: ``w * (1 + e)``.
     relative : bool (default: False)
         Scale ``sigma`` by each tensor's RMS, ``sqrt(mean(w**2))``, computed on
-        the current weights each time the noise is applied.
+        the current weights (in at least float32) each time the noise is
+        applied. Only with ``mode="additive"``: multiplicative noise is already
+        relative to each weight, and the two together are refused.
     schedule : str (default: "constant")
         ``"constant"``: ``std``; ``"exponential"``: ``std * decay**t``;
         ``"inverse-sqrt"``: ``std / sqrt(1 + t)``; ``"polynomial"``
@@ -113,20 +118,38 @@ class NoiseSpec:
         since the start of training; ``"round"``, ``server_round - 1``.
     include : tuple[str, ...] (default: ())
         Regular expressions (``re.search``) over parameter names; empty means
-        every floating-point parameter. Lists are accepted and stored as tuples.
+        every floating-point parameter. One str, a list or a tuple is accepted
+        and stored as a tuple. Specs travel from servers to clients, so every
+        pattern must match in bounded time: at most 64 patterns of at most 256
+        characters, no quantifier or alternation inside a quantified group, no
+        backreference, repetition counts <= 1000, at most 2 variable-length
+        quantifiers (see ``validation.check_patterns``).
     exclude : tuple[str, ...] (default: ())
-        Regular expressions; a name matching any of them is never perturbed.
+        Regular expressions, as ``include``; a name matching any of them is
+        never perturbed.
     seed : int | None (default: None)
         ``0 <= seed < 2**63`` for reproducible noise; ``None`` draws fresh
         entropy from the operating system.
+    correlation : str (default: "independent")
+        How the draws of successive optimizer steps relate (used by
+        ``WeightNoise.attach``). ``"independent"``: a fresh draw is added
+        after every step and stays in the weights (the paper's noise; the
+        weights random-walk, about ``sigma sqrt(t)`` after ``t`` steps).
+        ``"anticorrelated"`` (Anti-PGD, Orvieto et al. 2022): before each
+        step the previous draw is removed and after it a fresh one is added,
+        so the gradient is taken at the perturbed point, the optimizer steps
+        the clean weights and the model carries at most one draw (about
+        ``sigma`` from the clean weights); removing the hook, or
+        ``WeightNoise.clean()``, removes the last draw.
 
     Raises
     ------
     TypeError
         If a field has the wrong type (``bool`` is not a number).
     ValueError
-        If a field is out of range, not an allowed string, or not a valid
-        regular expression.
+        If a field is out of range, not an allowed string, not a valid or not
+        a safe regular expression, or if ``relative=True`` comes with
+        ``mode="multiplicative"``.
 
     """
 
@@ -141,11 +164,13 @@ class NoiseSpec:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     seed: int | None = None
+    correlation: str = "independent"
 
     def __post_init__(self) -> None:
         for name, validate in _VALIDATORS.items():
             value = validate(f"NoiseSpec.{name}", getattr(self, name))
             object.__setattr__(self, name, value)
+        _check_combination(vars(self), lambda name: f"NoiseSpec.{name}")
 
     @property
     def enabled(self) -> bool:
@@ -216,7 +241,9 @@ class NoiseSpec:
         ----------
         record : Mapping[str, Any]
             A ``ConfigRecord`` (or any mapping) holding every key
-            ``prefix + field name``; other keys are ignored.
+            ``prefix + field name``; other keys are ignored. A record without
+            ``prefix + "correlation"`` (from a sender that predates it) means
+            ``"independent"``. ``include`` / ``exclude`` may be one str.
         prefix : str (default: "noise.")
             The prefix the entries were written with.
 
@@ -233,6 +260,9 @@ class NoiseSpec:
         for name, validate in _VALIDATORS.items():
             key = prefix + name
             label = f"ConfigRecord[{key!r}]"
+            if key not in record and name in _OPTIONAL_CONFIG_FIELDS:
+                values[name] = _OPTIONAL_CONFIG_FIELDS[name]
+                continue
             if key not in record:
                 raise ValueError(
                     f"{label} is missing: a NoiseSpec under prefix {prefix!r} "
@@ -247,6 +277,7 @@ class NoiseSpec:
                     f"0 <= seed < 2**63, or {CONFIG_NO_SEED} for no seed"
                 )
             values[name] = validate(label, value)
+        _check_combination(values, lambda name: f"ConfigRecord[{prefix + name!r}]")
         return cls(**values)
 
     @staticmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -184,3 +185,123 @@ def _bounds_text(
     if high is not None:
         return f" {'<' if high_open else '<='} {high:g}"
     return ""
+
+
+# --- regular expressions that may come over the wire --------------------------
+
+MAX_PATTERN_LENGTH = 256
+MAX_PATTERNS = 64
+MAX_REPEAT_COUNT = 1000
+MAX_VARIABLE_REPEATS = 2
+SAFE_PATTERNS = (
+    f"one regular expression (str) or a list of at most {MAX_PATTERNS}, each of "
+    f"at most {MAX_PATTERN_LENGTH} characters, with no quantifier inside a "
+    "quantified group, no alternation inside a quantified group, no "
+    f"backreference, repetition counts <= {MAX_REPEAT_COUNT} and at most "
+    f"{MAX_VARIABLE_REPEATS} variable-length quantifiers (*, +, ?, {{m,n}})"
+)
+
+
+def check_patterns(label: str, value: Any) -> tuple[str, ...]:
+    """Return regular expressions that ``re.search`` matches in bounded time.
+
+    Patterns can come from a server, so each is bounded in size and refused
+    when backtracking could blow up: nested quantifiers (``(a+)+``),
+    quantified alternations (``(a|a)*``), backreferences, repetition counts
+    over ``MAX_REPEAT_COUNT`` (``a{99999999999}``) and more than
+    ``MAX_VARIABLE_REPEATS`` variable-length quantifiers (``.*.*.*X``, whose
+    search time grows like the name's length to that power).
+
+    Parameters
+    ----------
+    label : str
+        Name of the value in the error message.
+    value : Any
+        One pattern (str) or a list or tuple of them.
+
+    Returns
+    -------
+    tuple[str, ...]
+        The patterns (one str gives a 1-tuple).
+
+    Raises
+    ------
+    TypeError
+        If ``value`` is neither a str nor a list or tuple of str.
+    ValueError
+        If a pattern is not a valid regular expression or not safe as above.
+
+    """
+    patterns = (value,) if isinstance(value, str) else value
+    if not isinstance(patterns, list | tuple) or not all(
+        isinstance(pattern, str) for pattern in patterns
+    ):
+        raise not_allowed(label, value, SAFE_PATTERNS, TypeError)
+    if len(patterns) > MAX_PATTERNS:
+        raise not_allowed(label, value, SAFE_PATTERNS)
+    for pattern in patterns:
+        reason = _unsafe_pattern_reason(pattern)
+        if reason is not None:
+            raise not_allowed(label, value, f"{SAFE_PATTERNS}; {pattern!r} {reason}")
+    return tuple(patterns)
+
+
+try:  # Python >= 3.11
+    from re import _constants as _sre_constants
+    from re import _parser as _sre_parse
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_constants as _sre_constants  # type: ignore[no-redef]
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
+
+_REPEATS = {
+    _sre_constants.MAX_REPEAT,
+    _sre_constants.MIN_REPEAT,
+    getattr(_sre_constants, "POSSESSIVE_REPEAT", _sre_constants.MAX_REPEAT),
+}
+_BACKREFERENCES = {
+    _sre_constants.GROUPREF,
+    _sre_constants.GROUPREF_EXISTS,
+    getattr(_sre_constants, "GROUPREF_IGNORE", _sre_constants.GROUPREF),
+}
+
+
+def _unsafe_pattern_reason(pattern: str) -> str | None:
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        return f"has {len(pattern)} characters"
+    try:
+        parsed = _sre_parse.parse(pattern)
+        re.compile(pattern)
+    except (re.error, OverflowError, RecursionError, ValueError) as error:
+        return f"is not a valid regular expression ({error})"
+    variable = 0
+    # (items, inside a quantified group?) still to visit.
+    pending: list[tuple[Any, bool]] = [(parsed, False)]
+    while pending:
+        items, quantified = pending.pop()
+        for op, argument in items:
+            if op in _BACKREFERENCES:
+                return "has a backreference"
+            if op in _REPEATS:
+                low, high, body = argument
+                if quantified:
+                    return "has a quantifier inside a quantified group"
+                if max(low, 0 if high == _sre_constants.MAXREPEAT else high) > (
+                    MAX_REPEAT_COUNT
+                ):
+                    return f"has a repetition count over {MAX_REPEAT_COUNT}"
+                if high != low:
+                    variable += 1
+                pending.append((body, True))
+            elif op == _sre_constants.BRANCH:
+                if quantified:
+                    return "has an alternation inside a quantified group"
+                pending.extend((branch, quantified) for branch in argument[1])
+            elif op == _sre_constants.SUBPATTERN:
+                pending.append((argument[-1], quantified))
+            elif op in (_sre_constants.ASSERT, _sre_constants.ASSERT_NOT):
+                pending.append((argument[1], quantified))
+            elif op == getattr(_sre_constants, "ATOMIC_GROUP", None):
+                pending.append((argument, quantified))
+    if variable > MAX_VARIABLE_REPEATS:
+        return f"has {variable} variable-length quantifiers"
+    return None

@@ -8,12 +8,12 @@ from flwr.common.serde import config_record_from_proto, config_record_to_proto
 
 from flwr_noise import NoiseSpec
 
-# Every field differs from its default, so a field dropped by the round trip
-# fails the comparison.
+# Every field but mode differs from its default (relative excludes
+# multiplicative), and MULTIPLICATIVE differs in mode, so a field dropped by
+# the round trip fails the comparison.
 NON_DEFAULT = NoiseSpec(
     std=0.25,
     distribution="laplace",
-    mode="multiplicative",
     relative=True,
     schedule="polynomial",
     decay=0.5,
@@ -22,15 +22,18 @@ NON_DEFAULT = NoiseSpec(
     include=("conv", r"fc\.weight$"),
     exclude=("bias$",),
     seed=2**63 - 1,
+    correlation="anticorrelated",
 )
+MULTIPLICATIVE = dataclasses.replace(NON_DEFAULT, mode="multiplicative", relative=False)
 
 
-def test_non_default_spec_really_differs_in_every_field() -> None:
+def test_non_default_specs_really_differ_in_every_field() -> None:
     default = NoiseSpec()
     for field in dataclasses.fields(NoiseSpec):
-        assert getattr(NON_DEFAULT, field.name) != getattr(default, field.name), (
-            field.name
-        )
+        assert any(
+            getattr(spec, field.name) != getattr(default, field.name)
+            for spec in (NON_DEFAULT, MULTIPLICATIVE)
+        ), field.name
 
 
 def test_defaults_are_disabled_and_select_everything() -> None:
@@ -104,7 +107,9 @@ def test_to_config_is_flat_with_prefix_and_encodes_no_seed() -> None:
     assert len(config) == len(dataclasses.fields(NoiseSpec))
 
 
-@pytest.mark.parametrize("spec", [NON_DEFAULT, NoiseSpec(), NoiseSpec(seed=0)])
+@pytest.mark.parametrize(
+    "spec", [NON_DEFAULT, MULTIPLICATIVE, NoiseSpec(), NoiseSpec(seed=0)]
+)
 def test_round_trip_through_config_record_and_protobuf(spec: NoiseSpec) -> None:
     record = ConfigRecord(spec.to_config())
     assert NoiseSpec.from_config(record) == spec
@@ -169,7 +174,26 @@ BAD_SPECS = [
     ({"schedule_unit": "epoch"}, ValueError, "NoiseSpec.schedule_unit='epoch'"),
     ({"include": ("(",)}, ValueError, "NoiseSpec.include=('(',)"),
     ({"exclude": ["[a-"]}, ValueError, "NoiseSpec.exclude=['[a-']"),
-    ({"include": "conv"}, TypeError, "NoiseSpec.include='conv'"),
+    ({"include": b"conv"}, TypeError, "NoiseSpec.include=b'conv'"),
+    ({"include": "(.*.*.*.*.*.*)*X"}, ValueError, "quantifier inside a quantified"),
+    ({"include": ["(a+)+$"]}, ValueError, "NoiseSpec.include=['(a+)+$']"),
+    ({"include": "(a|ab)*c"}, ValueError, "alternation inside a quantified"),
+    ({"exclude": "a{99999999999}"}, ValueError, "NoiseSpec.exclude='a{99999999999}'"),
+    ({"exclude": "a{1001}"}, ValueError, "repetition count over 1000"),
+    ({"exclude": ".*a.*b.*c"}, ValueError, "3 variable-length quantifiers"),
+    ({"exclude": r"(a)\1"}, ValueError, "backreference"),
+    ({"exclude": "x" * 257}, ValueError, "has 257 characters"),
+    ({"exclude": ["x"] * 65}, ValueError, "at most 64"),
+    ({"std": 1e300}, ValueError, "NoiseSpec.std=1e+300"),
+    ({"std": 1e6 * (1 + 1e-9)}, ValueError, "in [0, 1e+06]"),
+    ({"correlation": "anti"}, ValueError, "NoiseSpec.correlation='anti'"),
+    ({"correlation": None}, TypeError, "NoiseSpec.correlation=None"),
+    (
+        {"relative": True, "mode": "multiplicative"},
+        ValueError,
+        "NoiseSpec.relative=True is not allowed: expected False with "
+        "mode='multiplicative'",
+    ),
     ({"include": [1]}, TypeError, "NoiseSpec.include=[1]"),
     ({"exclude": None}, TypeError, "NoiseSpec.exclude=None"),
     ({"seed": -1}, ValueError, "NoiseSpec.seed=-1"),
@@ -207,7 +231,32 @@ BAD_CONFIGS = [
     ),
     (_config_with("noise.mode", 3), TypeError, "'noise.mode'", "3"),
     (_config_with("noise.relative", 1), TypeError, "'noise.relative'", "1"),
-    (_config_with("noise.include", "conv"), TypeError, "'noise.include'", "'conv'"),
+    (_config_with("noise.include", 7), TypeError, "'noise.include'", "7"),
+    (
+        _config_with("noise.include", ["(.*.*.*.*.*.*)*X"]),
+        ValueError,
+        "'noise.include'",
+        "['(.*.*.*.*.*.*)*X']",
+    ),
+    (
+        _config_with("noise.exclude", "a{99999999999}"),
+        ValueError,
+        "'noise.exclude'",
+        "'a{99999999999}'",
+    ),
+    (_config_with("noise.std", 1e300), ValueError, "'noise.std'", "1e+300"),
+    (
+        _config_with("noise.correlation", "anti"),
+        ValueError,
+        "'noise.correlation'",
+        "'anti'",
+    ),
+    (
+        {**_config_with("noise.relative", True), "noise.mode": "multiplicative"},
+        ValueError,
+        "'noise.relative'",
+        "True",
+    ),
     (_config_with("noise.exclude", ["("]), ValueError, "'noise.exclude'", "['(']"),
     (_config_with("noise.seed", 1.5), TypeError, "'noise.seed'", "1.5"),
     (_config_with("noise.seed", -2), ValueError, "'noise.seed'", "-2"),
@@ -236,3 +285,41 @@ def test_config_with_unknown_distribution_through_config_record() -> None:
     record = ConfigRecord(_config_with("noise.distribution", "student-t"))
     with pytest.raises(ValueError, match="'noise.distribution'.*'student-t'.*laplace"):
         NoiseSpec.from_config(record)
+
+
+def test_one_pattern_string_is_accepted_for_include_and_exclude() -> None:
+    spec = NoiseSpec(include=r"^fc", exclude=r"\.bias$")
+    assert spec.include == (r"^fc",) and spec.exclude == (r"\.bias$",)
+    assert spec.selects("fc.weight") and not spec.selects("fc.bias")
+    assert not spec.selects("conv.weight")
+    config = NoiseSpec(std=0.1).to_config()
+    config["noise.include"] = r"^fc"
+    assert NoiseSpec.from_config(config).include == (r"^fc",)
+
+
+def test_safe_patterns_that_users_write_are_accepted() -> None:
+    patterns = (r"^fc\.", r"layer\d+\..*weight$", r"(fc|conv)\d+", "[a-z]{1,5}")
+    assert NoiseSpec(include=patterns).include == patterns
+
+
+def test_hostile_pattern_is_refused_at_once() -> None:
+    # Accepted, this pattern took minutes per parameter name (ReDoS).
+    config = NoiseSpec(std=0.1).to_config("noise.local.")
+    config["noise.local.include"] = ["(.*.*.*.*.*.*)*X"]
+    label = "ConfigRecord['noise.local.include']"
+    with pytest.raises(ValueError, match=re.escape(label)):
+        NoiseSpec.from_config(config, "noise.local.")
+
+
+def test_std_bound_is_inclusive() -> None:
+    assert NoiseSpec(std=1e6).std == 1e6
+
+
+def test_record_without_correlation_means_independent() -> None:
+    # Records from senders that predate the correlation field.
+    config = NoiseSpec(std=0.1, seed=1).to_config("noise.local.")
+    assert config["noise.local.correlation"] == "independent"
+    del config["noise.local.correlation"]
+    assert NoiseSpec.from_config(config, "noise.local.") == NoiseSpec(std=0.1, seed=1)
+    anti = NoiseSpec(std=0.1, correlation="anticorrelated")
+    assert NoiseSpec.from_config(anti.to_config()) == anti
