@@ -274,18 +274,6 @@ def _with_flags(message: str) -> str:
     return re.sub(pattern, lambda match: FLAGS[match.group(1)] + "=", message)
 
 
-def _with_seeds(command: Sequence[str], seeds: Sequence[str]) -> list[str]:
-    """Return ``command`` with its ``--seeds`` values replaced by ``seeds``."""
-    words = list(command)
-    if "--seeds" not in words:
-        return [*words, "--seeds", *seeds]
-    start = words.index("--seeds") + 1
-    end = start
-    while end < len(words) and not words[end].startswith("--"):
-        end += 1
-    return [*words[:start], *seeds, *words[end:]]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the sweep the arguments describe and write its report.
 
@@ -309,12 +297,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             for folder in args.merge
         ]
         merged = merge_summaries(summaries)
-        command = summaries[0].get("command")
-        if command is not None:
-            seeds = [str(seed) for seed in merged["grid"]["seeds"]]
-            command = _with_seeds(command, seeds)
+        merged["merged_from"] = [summary.get("command") for summary in summaries]
         for path in write_report(
-            merged, args.out, command=command, plots=not args.no_plots
+            merged,
+            args.out,
+            command=[*PROGRAM.split(), *arguments],
+            plots=not args.no_plots,
         ):
             print(f"wrote {path}")
         return 0

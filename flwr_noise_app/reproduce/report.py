@@ -332,8 +332,9 @@ def _save(figure: Any, axes: Any, title: str, local_note: str, path: Path) -> Pa
 def plot_accuracy_per_round(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     """Plot accuracy against the round, one line per row, one PNG per model.
 
-    Only entries with recorded rounds are drawn; each column is one setting,
-    the top row the local models, the bottom row the averaged model.
+    Only entries with recorded rounds are drawn; each column is one setting
+    (runs of different lengths share one), the top row the local models, the
+    bottom row the averaged model.
 
     Returns
     -------
@@ -347,7 +348,10 @@ def plot_accuracy_per_round(summary: dict[str, Any], out_dir: Path) -> list[Path
     import matplotlib.pyplot as plt
 
     entries = [e for e in summary["entries"] if "rounds" in e]
-    settings = [name for name in _varying_settings(entries) if name != "model"]
+    # Runs of different lengths share a panel: each curve ends at its last round.
+    settings = [
+        name for name in _varying_settings(entries) if name not in ("model", "rounds")
+    ]
     written: list[Path] = []
     for model in dict.fromkeys(entry["config"]["model"] for entry in entries):
         groups = _groups(
