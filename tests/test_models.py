@@ -17,6 +17,9 @@ MNIST_SHAPE = (1, 28, 28)
         ("linear", DIGITS_SHAPE, 64 * 10 + 10),
         ("mlp", DIGITS_SHAPE, (64 * 256 + 256) + (256 * 128 + 128) + 1290),
         ("cnn", DIGITS_SHAPE, 320 + 18_496 + (256 * 128 + 128) + 1290),
+        # 64 -> 64, nine 64 -> 64 hidden layers, 64 -> 10
+        ("deep-tanh", DIGITS_SHAPE, (64 * 64 + 64) * 10 + (64 * 10 + 10)),
+        ("deep-tanh", MNIST_SHAPE, (784 * 64 + 64) + (64 * 64 + 64) * 9 + 650),
     ],
 )
 def test_parameter_counts(name, input_shape, expected):
@@ -36,7 +39,9 @@ def test_output_shape(name, input_shape):
 
 
 def test_unknown_model_names_it_and_the_allowed_ones():
-    with pytest.raises(ValueError, match="'resnet'.*'linear', 'mlp', 'cnn'"):
+    with pytest.raises(
+        ValueError, match="'resnet'.*'linear', 'mlp', 'cnn', 'deep-tanh'"
+    ):
         build_model("resnet", MNIST_SHAPE, 10)
 
 
@@ -80,3 +85,36 @@ def test_unseeded_build_follows_the_global_rng():
     torch.manual_seed(5)
     second = build_model("mlp", DIGITS_SHAPE, 10)
     assert torch.equal(_flat(first), _flat(second))
+
+
+def test_deep_tanh_is_ten_tanh_layers_without_normalization():
+    model = build_model("deep-tanh", DIGITS_SHAPE, 10, seed=0)
+    kinds = [type(module) for module in model]
+    assert kinds.count(torch.nn.Tanh) == 10
+    assert kinds.count(torch.nn.Linear) == 11
+    assert not any(
+        isinstance(module, (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm))
+        for module in model.modules()
+    )
+
+
+def test_deep_tanh_trains():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(32, *DIGITS_SHAPE, generator=generator)
+    y = torch.arange(32) % 4
+    model = build_model("deep-tanh", DIGITS_SHAPE, 4, seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for _ in range(300):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_the_app_accepts_deep_tanh():
+    from flwr_noise_app.config import AppConfig
+
+    assert AppConfig.from_run_config({"model": "deep-tanh"}).model == "deep-tanh"

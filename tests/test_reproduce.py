@@ -348,3 +348,214 @@ def test_runner_gives_the_apps_numbers(placement: str) -> None:
     assert_same_weights(result.arrays.to_torch_state_dict(), ours.averaged_state)
     app_local = local_accuracy[config.rounds]
     assert ours.final.local_accuracy_mean == float(np.mean(app_local))
+
+
+# --- Beyond the paper (issue 13): correlation, SAM, losses, ratios, curves ---
+
+
+def test_correlation_is_passed_to_the_noise_spec() -> None:
+    from dataclasses import fields
+
+    from flwr_noise import NoiseSpec
+
+    if "correlation" not in {field.name for field in fields(NoiseSpec)}:
+        pytest.skip("this NoiseSpec has no 'correlation' field (core feature)")
+    anti = replace(TINY, noise_std=0.01, correlation="anticorrelated")
+    assert anti.noise_spec(0).correlation == "anticorrelated"
+    assert replace(anti, correlation="independent").noise_spec(0).correlation == (
+        "independent"
+    )
+    data = load_learner_data(TINY, 0)
+    kept = run_experiment(replace(anti, correlation="independent"), 0, data=data)
+    removed = run_experiment(anti, 0, data=data)
+    assert not torch.equal(
+        kept.averaged_state["1.weight"], removed.averaged_state["1.weight"]
+    )
+    assert "anticorrelated" in anti.noise_label()
+
+
+def test_correlation_axis_applies_to_local_noise_only() -> None:
+    grid = tiny_grid(correlations=("independent", "anticorrelated"), seeds=(0,))
+    labels = [(c.placement, c.correlation) for c in grid.configurations()]
+    assert labels == [
+        (NO_NOISE, "independent"),
+        ("local", "independent"),
+        ("local", "anticorrelated"),
+        ("received", "independent"),
+        ("aggregation", "independent"),
+    ]
+    with pytest.raises(ValueError, match="correlation='anticorrelated'"):
+        replace(
+            TINY, noise_std=0.01, placement="received", correlation="anticorrelated"
+        )
+    with pytest.raises(ValueError, match="correlation='sideways'"):
+        replace(TINY, correlation="sideways")
+
+
+def test_cli_passes_correlation_sam_rho_and_levels() -> None:
+    from flwr_noise_app.reproduce.cli import build_parser, grid_from_args
+
+    args = build_parser().parse_args(
+        [
+            "--correlation",
+            "independent",
+            "anticorrelated",
+            "--sam-rho",
+            "0.05",
+            "--accuracy-levels",
+            "0.7",
+            "--out",
+            "x",
+        ]
+    )
+    grid = grid_from_args(args)
+    assert grid.correlations == ("independent", "anticorrelated")
+    assert grid.sam_rhos == (0.05,)
+    assert grid.accuracy_levels == (0.7,)
+
+
+def test_test_loss_is_reported_beside_accuracy(tmp_path: Path) -> None:
+    grid = tiny_grid(placements=("local",), seeds=(0,))
+    summary = run_sweep(grid)
+    for entry, config in zip(summary["entries"], grid.configurations(), strict=True):
+        final = run_experiment(config, 0).final
+        assert entry["local_loss"]["values"] == [final.local_loss_mean]
+        assert entry["averaged_loss"]["values"] == [final.averaged_loss]
+        assert entry["serial_loss"]["values"][0] > 0
+    write_report(summary, tmp_path, plots=False)
+    table = (tmp_path / "summary.md").read_text()
+    assert "| local loss |" in table and "| averaged loss |" in table
+    assert f"{summary['entries'][1]['averaged_loss']['mean']:.3f} ± " in table
+
+
+def test_noise_ratios_on_a_tiny_case() -> None:
+    from flwr_noise_app.reproduce.runner import noise_ratios
+
+    ratios = noise_ratios(0.01, 0.002, {"w": 0.5, "b": 0.04, "zero": 0.0})
+    assert ratios["sigma_over_update"] == pytest.approx(5.0)
+    assert ratios["sigma_over_layer_rms"] == pytest.approx(
+        {"w": 0.02, "b": 0.25, "zero": float("inf")}
+    )
+
+
+def test_update_rms_and_layer_rms_are_measured() -> None:
+    # One learner, one step over its whole (16-image) partition: the update is
+    # lr times the full-batch gradient at the initial model.
+    config = ExperimentConfig(
+        model="linear",
+        learners=1,
+        images_per_learner=16,
+        batch_size=16,
+        local_steps=1,
+        rounds=1,
+        learning_rate=0.1,
+    )
+    data = load_learner_data(config, 0)
+    result = run_experiment(config, 0, data=data)
+
+    from flwr_noise_app.tasks.models import build_model
+
+    model = build_model("linear", data.input_shape, data.num_classes, seed=0)
+    torch.nn.functional.cross_entropy(model(data.x[0]), data.y[0]).backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert result.update_rms == pytest.approx(
+        0.1 * grads.square().mean().sqrt().item(), rel=1e-5
+    )
+    for name, tensor in result.averaged_state.items():
+        expected = tensor.double().square().mean().sqrt().item()
+        assert result.layer_rms[name] == pytest.approx(expected)
+
+    summary = run_sweep(tiny_grid(placements=("local",), seeds=(0,)))
+    noisy = summary["entries"][1]
+    assert noisy["sigma_over_update"]["mean"] == pytest.approx(
+        0.01 / noisy["update_rms"]["mean"]
+    )
+    assert "sigma_over_update" not in summary["entries"][0]
+
+
+def test_sam_rows_take_sam_steps_and_compare_with_plain_sgd() -> None:
+    grid = tiny_grid(placements=("local",), seeds=(0,), sam_rhos=(0.5,))
+    configs = grid.configurations()
+    sam = configs[-1]
+    assert (sam.noise_std, sam.sam_rho, sam.noise_label()) == (0.0, 0.5, "SAM rho=0.5")
+    summary = run_sweep(grid)
+    entry = summary["entries"][-1]
+    reference = summary["entries"][0]
+    assert entry["averaged_gain"]["values"] == [
+        entry["averaged_accuracy"]["values"][0]
+        - reference["averaged_accuracy"]["values"][0]
+    ]
+    data = load_learner_data(sam, 0)
+    plain = run_experiment(replace(sam, sam_rho=0.0), 0, data=data)
+    assert not torch.equal(
+        run_experiment(sam, 0, data=data).averaged_state["1.weight"],
+        plain.averaged_state["1.weight"],
+    )
+
+
+def test_rounds_to_reach_and_merged_seeds(tmp_path: Path) -> None:
+    from flwr_noise_app.reproduce.runner import RoundRecord
+    from flwr_noise_app.reproduce.sweep import merge_summaries, rounds_to_reach
+
+    records = [
+        RoundRecord(r, local, local, local, 1.0, averaged, 1.0)
+        for r, local, averaged in [(1, 0.3, 0.6), (2, 0.85, 0.7), (3, 0.95, 0.92)]
+    ]
+    assert rounds_to_reach(records, 0.5) == 1
+    assert rounds_to_reach(records, 0.9) == 3
+    assert rounds_to_reach(records, 0.5, model="local") == 2
+    assert rounds_to_reach(records, 0.99) is None
+
+    grid = tiny_grid(placements=("local",), record_rounds=True, rounds=3)
+    together = run_sweep(grid)
+    merged = merge_summaries(
+        [run_sweep(replace(grid, seeds=(seed,))) for seed in grid.seeds]
+    )
+    assert merged["grid"]["seeds"] == [0, 1]
+    for ours, theirs in zip(merged["entries"], together["entries"], strict=True):
+        assert ours["local_gain"]["values"] == theirs["local_gain"]["values"]
+        assert ours["averaged_loss"]["values"] == theirs["averaged_loss"]["values"]
+        assert ours["rounds_to_reach"] == theirs["rounds_to_reach"]
+        for mine, other in zip(ours["rounds"], theirs["rounds"], strict=True):
+            assert mine.keys() == other.keys()
+            for key in mine:
+                assert mine[key] == pytest.approx(other[key]), key
+    written = write_report(merged, tmp_path)
+    assert tmp_path / "accuracy_per_round_linear.png" in written
+    assert (
+        "## Rounds to reach an accuracy level" in (tmp_path / "summary.md").read_text()
+    )
+
+
+def test_a_sweep_split_by_seed_and_row_merges_into_the_whole() -> None:
+    from flwr_noise_app.reproduce.sweep import merge_summaries
+
+    whole = tiny_grid(placements=("local",), sam_rhos=(0.5,))
+    parts = []
+    for seed in whole.seeds:
+        parts += [
+            run_sweep(replace(whole, noise_stds=(0.0,), sam_rhos=(), seeds=(seed,))),
+            run_sweep(
+                replace(
+                    whole,
+                    noise_stds=(0.01,),
+                    sam_rhos=(),
+                    seeds=(seed,),
+                    serial_baselines=False,
+                )
+            ),
+            run_sweep(
+                replace(whole, noise_stds=(), seeds=(seed,), serial_baselines=False)
+            ),
+        ]
+    assert "serial_accuracy" not in parts[1]["entries"][0]
+    assert "local_gain" not in parts[2]["entries"][0]
+    merged = merge_summaries(parts)
+    expected = run_sweep(whole)
+    assert [e["config"] for e in merged["entries"]] == [
+        e["config"] for e in expected["entries"]
+    ]
+    for ours, theirs in zip(merged["entries"], expected["entries"], strict=True):
+        assert ours.keys() == theirs.keys()
+        for key in ("local_gain", "averaged_gain", "serial_accuracy", "local_loss"):
+            assert ours[key]["values"] == pytest.approx(theirs[key]["values"]), key

@@ -223,3 +223,77 @@ def test_evaluate_uses_eval_mode_and_restores_the_previous_mode():
 def test_evaluate_rejects_empty_data():
     with pytest.raises(ValueError, match="0 inputs"):
         evaluate(nn.Linear(2, 3), torch.zeros(0, 2), torch.zeros(0, dtype=torch.long))
+
+
+def test_sam_gradient_is_the_gradient_at_the_ascent_point():
+    # loss(w) = (w . x - t)^2 on a 2-weight linear model, by hand:
+    # g = 2 (w . x - t) x, e = rho g / |g|, SAM gradient = 2 ((w + e) . x - t) x.
+    from flwr_noise_app.tasks.training import sam_gradient
+
+    model = nn.Linear(2, 1, bias=False)
+    w = torch.tensor([[0.3, -0.2]])
+    with torch.no_grad():
+        model.weight.copy_(w)
+    x, target, rho = torch.tensor([[1.0, 2.0]]), 0.5, 0.1
+
+    def compute_loss():
+        return ((model(x) - target) ** 2).sum()
+
+    loss = sam_gradient(model, compute_loss, rho)
+
+    g = 2 * ((w * x).sum() - target) * x
+    e = rho * g / g.norm()
+    expected = 2 * (((w + e) * x).sum() - target) * x
+    assert loss.item() == pytest.approx(((w * x).sum() - target).item() ** 2)
+    assert torch.allclose(model.weight.grad, expected, atol=1e-7)
+    assert not torch.allclose(expected, g)  # the ascent point matters
+    assert torch.equal(model.weight.detach(), w)  # weights put back exactly
+
+
+def _one_step(model, x, y, lr, **options):
+    generator = torch.Generator().manual_seed(0)
+    train_steps(
+        model,
+        x,
+        y,
+        steps=1,
+        batch_size=16,
+        learning_rate=lr,
+        generator=generator,
+        **options,
+    )
+
+
+def test_train_steps_with_sam_rho_takes_sam_steps():
+    data, x, y = _digits_client()
+    x, y = x[:16], y[:16]
+    rho, lr = 0.5, 0.1
+    model = build_model("linear", data.input_shape, data.num_classes, seed=0)
+    start = {name: p.detach().clone() for name, p in model.named_parameters()}
+    _one_step(model, x, y, lr, sam_rho=rho)
+    # By hand on a copy: gradient at w, ascend by rho g / ||g||, gradient
+    # there, one SGD step from w (the batch is the whole, reordered, data).
+    reference = build_model("linear", data.input_shape, data.num_classes, seed=0)
+    F.cross_entropy(reference(x), y).backward()
+    grads = [p.grad.clone() for p in reference.parameters()]
+    norm = torch.sqrt(sum((g**2).sum() for g in grads))
+    with torch.no_grad():
+        for p, g in zip(reference.parameters(), grads, strict=True):
+            p.add_(rho * g / norm)
+    reference.zero_grad()
+    F.cross_entropy(reference(x), y).backward()
+    for (name, p), q in zip(
+        model.named_parameters(), reference.parameters(), strict=True
+    ):
+        expected = start[name] - lr * q.grad
+        assert torch.allclose(p.detach(), expected, atol=1e-6), name
+    plain = build_model("linear", data.input_shape, data.num_classes, seed=0)
+    _one_step(plain, x, y, lr)
+    assert not torch.allclose(plain[1].weight, model[1].weight, atol=1e-6)
+
+
+def test_negative_sam_rho_is_refused():
+    data, x, y = _digits_client()
+    model = build_model("linear", data.input_shape, data.num_classes, seed=0)
+    with pytest.raises(ValueError, match=r"sam_rho=-0\.1 is not allowed"):
+        _one_step(model, x, y, 0.1, sam_rho=-0.1)

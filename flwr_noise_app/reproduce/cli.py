@@ -8,17 +8,25 @@ sweep runs each configuration once per seed and writes ``summary.json``,
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from flwr_noise.spec import DISTRIBUTIONS, SCHEDULES
-from flwr_noise_app.reproduce.report import write_report
-from flwr_noise_app.reproduce.runner import PLACEMENTS, check_float, check_int
-from flwr_noise_app.reproduce.sweep import SweepGrid, SweepRunner
+from flwr_noise_app.reproduce.report import SUMMARY_JSON, write_report
+from flwr_noise_app.reproduce.runner import (
+    CORRELATIONS,
+    INDEPENDENT,
+    PLACEMENTS,
+    check_float,
+    check_int,
+)
+from flwr_noise_app.reproduce.sweep import SweepGrid, SweepRunner, merge_summaries
 from flwr_noise_app.tasks.data import DATASETS, PARTITION_SCHEMES
 from flwr_noise_app.tasks.models import MODELS
 
@@ -48,6 +56,11 @@ FLAGS: dict[str, str] = {
     "learning_rate": "--lr",
     "dirichlet_alpha": "--dirichlet-alpha",
     "seeds": "--seeds",
+    "correlations": "--correlation",
+    "correlation": "--correlation",
+    "sam_rhos": "--sam-rho",
+    "sam_rho": "--sam-rho",
+    "accuracy_levels": "--accuracy-levels",
 }
 
 
@@ -133,10 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--noise-std",
-        nargs="+",
+        nargs="*",
         type=_float(positive=False),
         default=[0.0, 0.001, 0.003, 0.01, 0.03],
-        help="noise standard deviations (0: no noise)",
+        help="noise standard deviations (0: no noise); none at all: SAM rows only",
     )
     add("--schedule", nargs="+", choices=SCHEDULES, default=["constant"])
     add(
@@ -163,6 +176,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="local: after every local step; received: once per round on each "
         "learner's copy of the average; aggregation: on the average",
     )
+    add(
+        "--correlation",
+        nargs="+",
+        choices=CORRELATIONS,
+        default=[INDEPENDENT],
+        help="local noise: independent (every draw stays in the weights) and/or "
+        "anticorrelated (Anti-PGD: the previous draw is removed before the next)",
+    )
+    add(
+        "--sam-rho",
+        nargs="+",
+        type=_float(positive=True),
+        default=[],
+        help="add one noise-free SAM row per radius rho (FedSAM-style local "
+        "steps: the gradient taken at w + rho g/||g||)",
+    )
+    add(
+        "--accuracy-levels",
+        nargs="+",
+        type=_float(positive=False),
+        default=[0.5, 0.8, 0.9],
+        help="accuracy levels of the rounds-to-reach table (with --record-rounds)",
+    )
     add("--distribution", choices=DISTRIBUTIONS, default="gaussian")
     add("--partitioning", nargs="+", choices=PARTITION_SCHEMES, default=["iid"])
     add("--dirichlet-alpha", type=_float(positive=True), default=0.5)
@@ -174,9 +210,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="evaluate every round, not only the last",
     )
+    add(
+        "--no-serial",
+        action="store_true",
+        help="skip the serial baselines (e.g. in all but one process of a "
+        "sweep split over processes; --merge joins them)",
+    )
     add("--threads", type=_int_at_least(1), default=None, help="torch CPU threads")
     add("--no-plots", action="store_true", help="skip the PNG plots")
     add("--quiet", action="store_true", help="no progress lines")
+    add(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="FOLDER",
+        help="instead of running: merge the summary.json of these folders "
+        "(one sweep split over processes by --seeds and by rows) into one "
+        "report in --out",
+    )
     add("--out", required=True, help="output folder")
     return parser
 
@@ -210,6 +261,10 @@ def grid_from_args(args: argparse.Namespace) -> SweepGrid:
         distribution=args.distribution,
         seeds=tuple(args.seeds),
         record_rounds=args.record_rounds,
+        correlations=tuple(args.correlation),
+        sam_rhos=tuple(args.sam_rho),
+        accuracy_levels=tuple(args.accuracy_levels),
+        serial_baselines=not args.no_serial,
     )
 
 
@@ -236,6 +291,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(arguments)
+    if args.merge is not None:
+        summaries = [
+            json.loads((Path(folder) / SUMMARY_JSON).read_text(encoding="utf-8"))
+            for folder in args.merge
+        ]
+        merged = merge_summaries(summaries)
+        merged["merged_from"] = [summary.get("command") for summary in summaries]
+        for path in write_report(
+            merged,
+            args.out,
+            command=[*PROGRAM.split(), *arguments],
+            plots=not args.no_plots,
+        ):
+            print(f"wrote {path}")
+        return 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     progress = None if args.quiet else lambda line: print(line, flush=True)
@@ -250,11 +320,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{len(runner.configurations)} configurations x {len(grid.seeds)} "
             f"seeds = {len(runner.configurations) * len(grid.seeds)} runs"
         )
-    summary = runner.run()
+    command = [*PROGRAM.split(), *arguments]
+    summary = runner.run(
+        checkpoint=lambda partial: write_report(
+            partial, args.out, command=command, plots=False
+        )
+    )
     written = write_report(
         summary,
         args.out,
-        command=[*PROGRAM.split(), *arguments],
+        command=command,
         plots=not args.no_plots,
     )
     if progress is not None:

@@ -12,7 +12,10 @@ the runner mirrors the bundled Flower App step for step, with the same seeds:
   ``torch_generator(seed, client=k, server_round=r, purpose="data")``;
 - learner k's local noise in round r: ``WeightNoise(model, spec,
   client=k, server_round=r, start_step=(r - 1) * b)`` attached to a fresh
-  plain-SGD optimizer, with ``spec.seed = seed``;
+  plain-SGD optimizer, with ``spec.seed = seed`` (and
+  ``spec.correlation``), its handle removed when local training ends;
+- SAM rows (``sam_rho > 0``): every local step is a FedSAM-style step, the
+  gradient taken at ``w + rho g / ||g||`` (``tasks.training.sam_gradient``);
 - the local models' accuracy is measured right after local training, before
   averaging, on the held-out test set;
 - the average is FedAvg's (weighted by the number of local examples, in
@@ -38,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flwr_noise import validation
 from flwr_noise.hook import WeightNoise
 from flwr_noise.sampling import perturb_arrays
 from flwr_noise.seeding import AGGREGATE_CLIENT, numpy_generator, torch_generator
@@ -70,6 +74,10 @@ PLACEMENT_PURPOSES: dict[str, str] = {
 # Client keys of the serial baselines' mini-batch streams (no learner has them).
 SERIAL_CLIENT = "serial"
 SERIAL_LARGE_BATCH_CLIENT = "serial-large-batch"
+# NoiseSpec.correlation: "independent" (the paper's kept noise, the default)
+# or "anticorrelated" (Anti-PGD: the previous draw is removed before the next).
+INDEPENDENT = "independent"
+CORRELATIONS: tuple[str, ...] = (INDEPENDENT, "anticorrelated")
 
 
 def _allowed(options: Sequence[str]) -> str:
@@ -179,6 +187,13 @@ class ExperimentConfig:
     record_rounds : bool (default: False)
         Evaluate the local and averaged models after every round, not only
         after the last one.
+    correlation : str (default: "independent")
+        ``NoiseSpec.correlation`` of local noise: ``"independent"`` (every
+        draw stays in the weights) or ``"anticorrelated"`` (the previous
+        draw is removed before the next one is added; ``"local"`` only).
+    sam_rho : float (default: 0.0)
+        ``> 0``: the learners take SAM steps of this radius (a reference
+        row; it may be combined with noise).
 
     Raises
     ------
@@ -204,6 +219,8 @@ class ExperimentConfig:
     partitioning: str = "iid"
     dirichlet_alpha: float = 0.5
     record_rounds: bool = False
+    correlation: str = INDEPENDENT
+    sam_rho: float = 0.0
 
     def __post_init__(self) -> None:
         check_choice("dataset", self.dataset, DATASETS)
@@ -246,6 +263,21 @@ class ExperimentConfig:
             "dirichlet_alpha",
             check_float("dirichlet_alpha", self.dirichlet_alpha, positive=True),
         )
+        validation.check_choice("correlation", self.correlation, CORRELATIONS)
+        if (
+            self.correlation != INDEPENDENT
+            and self.noise_enabled
+            and self.placement != "local"
+        ):
+            raise validation.not_allowed(
+                "correlation",
+                self.correlation,
+                f"{INDEPENDENT!r} with placement={self.placement!r} (noise added "
+                "once per round has no previous draw to remove)",
+            )
+        object.__setattr__(
+            self, "sam_rho", validation.check_real("sam_rho", self.sam_rho, low=0.0)
+        )
 
     @property
     def noise_enabled(self) -> bool:
@@ -255,9 +287,9 @@ class ExperimentConfig:
     def canonical(self) -> ExperimentConfig:
         """Return the same experiment with the noise fields of a noise-free run.
 
-        Every placement, schedule and scaling of a zero std is the same
-        experiment; they all map to ``placement="none"``, ``"constant"``,
-        absolute, Gaussian.
+        Every placement, schedule, scaling and correlation of a zero std is
+        the same experiment; they all map to ``placement="none"``,
+        ``"constant"``, absolute, Gaussian, independent.
         """
         if self.noise_enabled:
             return self
@@ -268,10 +300,18 @@ class ExperimentConfig:
             schedule="constant",
             relative=False,
             distribution="gaussian",
+            correlation=INDEPENDENT,
         )
 
+    @property
+    def is_reference(self) -> bool:
+        """Whether this configuration is plain SGD (no noise, no SAM)."""
+        return not self.noise_enabled and self.sam_rho == 0
+
     def noise_label(self, *, with_std: bool = True) -> str:
-        """Return the noise in words, e.g. ``"local 0.01 relative"`` or ``"none"``.
+        """Return the perturbation in words, e.g. ``"local 0.01 relative"``.
+
+        Plain SGD is ``"none"``; SAM adds ``"SAM rho=<rho>"``.
 
         Parameters
         ----------
@@ -280,27 +320,45 @@ class ExperimentConfig:
             (one line of a plot over the std).
 
         """
-        if not self.noise_enabled:
-            return "none"
-        words = [self.placement]
-        if with_std:
-            words.append(f"{self.noise_std:g}")
-        if self.relative:
-            words.append("relative")
-        if self.schedule != "constant":
-            words.append(self.schedule)
-        if self.distribution != "gaussian":
-            words.append(self.distribution)
-        return " ".join(words)
+        words: list[str] = []
+        if self.noise_enabled:
+            words.append(self.placement)
+            if with_std:
+                words.append(f"{self.noise_std:g}")
+            if self.relative:
+                words.append("relative")
+            if self.schedule != "constant":
+                words.append(self.schedule)
+            if self.distribution != "gaussian":
+                words.append(self.distribution)
+            if self.correlation != INDEPENDENT:
+                words.append(self.correlation)
+        if self.sam_rho > 0:
+            words.append(f"SAM rho={self.sam_rho:g}")
+        return " ".join(words) or "none"
 
     def noise_spec(self, seed: int) -> NoiseSpec:
-        """Return the noise of this configuration, seeded with the run's seed."""
+        """Return the noise of this configuration, seeded with the run's seed.
+
+        Raises
+        ------
+        TypeError
+            If the correlation is not ``"independent"`` and the installed
+            ``NoiseSpec`` has no ``correlation`` field.
+
+        """
+        # Only a non-default correlation is passed, so that the runner also
+        # works with a NoiseSpec that predates the field.
+        extra = {}
+        if self.correlation != INDEPENDENT:
+            extra["correlation"] = self.correlation
         return NoiseSpec(
             std=self.noise_std,
             distribution=self.distribution,
             relative=self.relative,
             schedule=self.schedule,
             seed=seed,
+            **extra,
         )
 
     def serial_key(self) -> tuple[Any, ...]:
@@ -446,17 +504,96 @@ class RunResult:
         The final averaged model's weights, on the CPU.
     seconds : float
         Wall-clock time of the run.
+    update_rms : float
+        Mean over every local step of every learner of the RMS (over all
+        trainable parameter elements) of the optimizer's update
+        ``learning_rate * gradient``, before any noise; ``nan`` before the
+        first step.
+    layer_rms : dict[str, float]
+        RMS of each floating-point tensor of the final averaged model.
 
     """
 
     rounds: tuple[RoundRecord, ...]
     averaged_state: dict[str, torch.Tensor] = field(repr=False)
     seconds: float
+    update_rms: float = math.nan
+    layer_rms: dict[str, float] = field(default_factory=dict)
 
     @property
     def final(self) -> RoundRecord:
         """The last round."""
         return self.rounds[-1]
+
+
+def noise_ratios(
+    sigma: float, update_rms: float, layer_rms: Mapping[str, float]
+) -> dict[str, Any]:
+    """Return the noise std as a ratio to the learning signal and to the weights.
+
+    Parameters
+    ----------
+    sigma : float
+        The (absolute) noise standard deviation, per element.
+    update_rms : float
+        RMS of one SGD step's update (``RunResult.update_rms``).
+    layer_rms : Mapping[str, float]
+        RMS of each tensor (``RunResult.layer_rms``).
+
+    Returns
+    -------
+    dict[str, Any]
+        ``sigma_over_update``: ``sigma / update_rms``; ``sigma_over_layer_rms``:
+        ``{name: sigma / rms}``. A zero denominator gives ``inf``.
+
+    """
+
+    def ratio(denominator: float) -> float:
+        return sigma / denominator if denominator > 0 else math.inf
+
+    return {
+        "sigma_over_update": ratio(update_rms),
+        "sigma_over_layer_rms": {name: ratio(rms) for name, rms in layer_rms.items()},
+    }
+
+
+class _UpdateMeter:
+    """Sums the RMS of every plain-SGD update ``lr * grad``, before the step runs."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.total = torch.zeros((), dtype=torch.float64, device=device)
+        self.steps = 0
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> Any:
+        def measure(opt: torch.optim.Optimizer, *_: Any) -> None:
+            with torch.no_grad():
+                norms = []
+                count = 0
+                for group in opt.param_groups:
+                    grads = [p.grad for p in group["params"] if p.grad is not None]
+                    if grads:
+                        # One fused kernel per group (what clip_grad_norm_ uses).
+                        group_norms = torch.stack(torch._foreach_norm(grads))
+                        norms.append(group_norms * group["lr"])
+                        count += sum(grad.numel() for grad in grads)
+                if count:
+                    total = torch.linalg.vector_norm(torch.cat(norms))
+                    self.total += total.double() / math.sqrt(count)
+                    self.steps += 1
+
+        return optimizer.register_step_pre_hook(measure)
+
+    @property
+    def mean(self) -> float:
+        return float(self.total) / self.steps if self.steps else math.nan
+
+
+def _layer_rms(arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
+    return {
+        name: float(np.sqrt(np.mean(np.square(array, dtype=np.float64))))
+        for name, array in arrays.items()
+        if np.issubdtype(array.dtype, np.floating) and array.size
+    }
 
 
 @dataclass(frozen=True)
@@ -574,6 +711,7 @@ def run_experiment(
     spec = config.noise_spec(seed)
     placement = config.placement if config.noise_enabled else NO_NOISE
     evaluated_rounds = _evaluated_rounds(config)
+    meter = _UpdateMeter(device)
     # One working model, loaded with each learner's weights in turn, like a
     # ClientApp that builds a model and loads the received arrays into it.
     model = build_model(config.model, data.input_shape, data.num_classes, seed=seed).to(
@@ -596,8 +734,9 @@ def run_experiment(
                 )
             model.load_state_dict(_torch_state(received))
             optimizer = make_optimizer(model, config.learning_rate)
+            handles = [meter.attach(optimizer)]
             if placement == "local":
-                WeightNoise(
+                noise = WeightNoise(
                     model,
                     spec,
                     client=learner,
@@ -605,7 +744,8 @@ def run_experiment(
                     start_step=(server_round - 1) * config.local_steps,
                     purpose=PLACEMENT_PURPOSES["local"],
                     track_norm=False,
-                ).attach(optimizer)
+                )
+                handles.append(noise.attach(optimizer))
             train_steps(
                 model,
                 x,
@@ -619,7 +759,12 @@ def run_experiment(
                     server_round=server_round,
                     purpose=DATA_PURPOSE,
                 ),
+                sam_rho=config.sam_rho,
             )
+            # Removing the noise handle removes an anticorrelated run's last
+            # draw, so the learner sends back its clean weights.
+            for handle in handles:
+                handle.remove()
             if server_round in evaluated_rounds:
                 local_metrics.append(evaluate(model, data.x_test, data.y_test))
             local_states.append(_numpy_state(model))
@@ -651,6 +796,8 @@ def run_experiment(
         rounds=tuple(records),
         averaged_state=_torch_state(global_arrays),
         seconds=time.perf_counter() - started,
+        update_rms=meter.mean,
+        layer_rms=_layer_rms(global_arrays),
     )
 
 

@@ -12,6 +12,7 @@ difference to the noise-free configuration with the same other settings.
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -19,13 +20,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from flwr_noise import validation
 from flwr_noise_app.reproduce.runner import (
+    INDEPENDENT,
     ExperimentConfig,
     LearnerData,
+    RoundRecord,
     RunResult,
     SerialResult,
     check_int,
     load_learner_data,
+    noise_ratios,
     run_experiment,
     run_serial_baseline,
 )
@@ -60,7 +65,8 @@ class SweepGrid:
         runs with different b see the same number of samples (and share their
         serial baselines). Every b must divide it.
     noise_stds : tuple[float, ...] (default: (0, 1e-3, 3e-3, 1e-2, 3e-2))
-        Noise standard deviations; include 0 for the paired comparison.
+        Noise standard deviations; include 0 for the paired comparison. May
+        be empty when ``sam_rhos`` is not (SAM rows only).
     schedules : tuple[str, ...] (default: ("constant",))
         Noise schedules.
     relative : tuple[bool, ...] (default: (False,))
@@ -84,7 +90,20 @@ class SweepGrid:
     seeds : tuple[int, ...] (default: (0,))
         Seeds; every configuration runs once per seed.
     record_rounds : bool (default: False)
-        Evaluate after every round (adds per-round curves to the summary).
+        Evaluate after every round (adds per-round curves and the rounds to
+        reach ``accuracy_levels`` to the summary).
+    correlations : tuple[str, ...] (default: ("independent",))
+        ``"independent"`` and/or ``"anticorrelated"`` local noise; other
+        placements run ``"independent"`` only.
+    sam_rhos : tuple[float, ...] (default: ())
+        Each value > 0 adds, per setting, one noise-free row whose learners
+        take SAM steps of that radius.
+    accuracy_levels : tuple[float, ...] (default: (0.5, 0.8, 0.9))
+        Accuracy levels of the rounds-to-reach table (with ``record_rounds``).
+    serial_baselines : bool (default: True)
+        Train the serial baselines; ``False`` leaves them out of the summary
+        (another run of the same settings can supply them, see
+        ``merge_summaries``).
 
     Raises
     ------
@@ -113,6 +132,10 @@ class SweepGrid:
     distribution: str = "gaussian"
     seeds: tuple[int, ...] = (0,)
     record_rounds: bool = False
+    correlations: tuple[str, ...] = (INDEPENDENT,)
+    sam_rhos: tuple[float, ...] = ()
+    accuracy_levels: tuple[float, ...] = (0.5, 0.8, 0.9)
+    serial_baselines: bool = True
 
     def __post_init__(self) -> None:
         for name in (
@@ -128,13 +151,15 @@ class SweepGrid:
             "batch_sizes",
             "learning_rates",
             "seeds",
+            "correlations",
+            "accuracy_levels",
         ):
             values = getattr(self, name)
             if not isinstance(values, Sequence) or isinstance(values, str):
                 raise TypeError(
                     f"{name}={values!r} is not allowed: expected a tuple of values"
                 )
-            if not values:
+            if not values and not (name == "noise_stds" and self.sam_rhos):
                 raise ValueError(
                     f"{name}={values!r} is not allowed: expected at least one value"
                 )
@@ -159,6 +184,15 @@ class SweepGrid:
             )
         for seed in self.seeds:
             check_int("seeds", seed, 0)
+        if not isinstance(self.sam_rhos, Sequence) or isinstance(self.sam_rhos, str):
+            raise validation.not_allowed(
+                "sam_rhos", self.sam_rhos, "a tuple of numbers > 0", TypeError
+            )
+        for rho in self.sam_rhos:
+            validation.check_real("sam_rhos", rho, low=0.0, low_open=True)
+        object.__setattr__(self, "sam_rhos", tuple(dict.fromkeys(self.sam_rhos)))
+        for level in self.accuracy_levels:
+            validation.check_real("accuracy_levels", level, low=0.0, high=1.0)
         if (self.rounds is None) == (self.total_local_steps is None):
             raise ValueError(
                 f"rounds={self.rounds!r} and total_local_steps="
@@ -224,26 +258,34 @@ class SweepGrid:
             self.relative,
             self.schedules,
         ):
+            setting = ExperimentConfig(
+                dataset=self.dataset,
+                data_dir=self.data_dir,
+                model=model,
+                learners=learners,
+                images_per_learner=images,
+                local_steps=local_steps,
+                rounds=self.rounds_for(local_steps),
+                batch_size=batch_size,
+                learning_rate=learning_rate,
+                schedule=schedule,
+                relative=relative,
+                placement=placement,
+                distribution=self.distribution,
+                partitioning=partitioning,
+                dirichlet_alpha=self.dirichlet_alpha,
+                record_rounds=self.record_rounds,
+            )
             for noise_std in self.noise_stds_for(relative):
-                config = ExperimentConfig(
-                    dataset=self.dataset,
-                    data_dir=self.data_dir,
-                    model=model,
-                    learners=learners,
-                    images_per_learner=images,
-                    local_steps=local_steps,
-                    rounds=self.rounds_for(local_steps),
-                    batch_size=batch_size,
-                    learning_rate=learning_rate,
-                    noise_std=noise_std,
-                    schedule=schedule,
-                    relative=relative,
-                    placement=placement,
-                    distribution=self.distribution,
-                    partitioning=partitioning,
-                    dirichlet_alpha=self.dirichlet_alpha,
-                    record_rounds=self.record_rounds,
-                )
+                for correlation in self.correlations:
+                    if correlation != INDEPENDENT and placement != "local":
+                        continue
+                    config = replace(
+                        setting, noise_std=noise_std, correlation=correlation
+                    )
+                    configurations.setdefault(config.canonical(), None)
+            for rho in self.sam_rhos:
+                config = replace(setting, noise_std=0.0, sam_rho=rho)
                 configurations.setdefault(config.canonical(), None)
         return list(configurations)
 
@@ -262,9 +304,176 @@ def summarize(values: Sequence[float]) -> dict[str, Any]:
     return {"mean": float(array.mean()), "std": std, "values": array.tolist()}
 
 
+SERIAL_FIELDS = (
+    "serial_accuracy",
+    "serial_large_batch_accuracy",
+    "serial_loss",
+    "serial_large_batch_loss",
+    "serial_steps",
+    "serial_large_batch_steps",
+    "serial_large_batch_size",
+)
+
+
+def _paired_gains(
+    finals: Sequence[tuple[float, float]], baselines: Sequence[tuple[float, float]]
+) -> dict[str, Any]:
+    """Paired (same seed) local and averaged gains over the noise-free row."""
+    pairs = list(zip(finals, baselines, strict=True))
+    return {
+        "local_gain": summarize([f[0] - b[0] for f, b in pairs]),
+        "averaged_gain": summarize([f[1] - b[1] for f, b in pairs]),
+    }
+
+
+def merge_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Merge summaries of one sweep split over processes into one summary.
+
+    Long sweeps can run one process per seed and per row (``--seeds``, and
+    ``--no-serial`` for all but one of the rows of a setting). Summaries of
+    the same seeds are first joined row by row: a row without serial
+    baselines takes them from a row of the same setting that has them, and a
+    row without paired gains gets them from its noise-free row. The groups
+    of different seeds are then merged as if one sweep had run every seed;
+    configurations missing from any group are left out.
+
+    Parameters
+    ----------
+    summaries : Sequence[dict[str, Any]]
+        What ``run_sweep`` returned (or ``summary.json`` holds).
+
+    Returns
+    -------
+    dict[str, Any]
+        One summary over the union of the seeds, in the given order.
+
+    Raises
+    ------
+    ValueError
+        If ``summaries`` is empty or two groups share a seed.
+
+    """
+    if not summaries:
+        raise validation.not_allowed("summaries", summaries, "at least one summary")
+    groups: dict[tuple[int, ...], list[dict[str, Any]]] = {}
+    for summary in summaries:
+        groups.setdefault(tuple(summary["grid"]["seeds"]), []).append(summary)
+    summaries = [_join_rows(group) for group in groups.values()]
+    seeds = [seed for summary in summaries for seed in summary["grid"]["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise validation.not_allowed(
+            "summaries", f"<seeds {seeds}>", "summaries of disjoint seeds"
+        )
+    grid = {**summaries[0]["grid"], "seeds": seeds}
+    keyed = [
+        {_entry_key(e["config"]): e for e in summary["entries"]}
+        for summary in summaries
+    ]
+    entries = [
+        _merge_entries([entries[key] for entries in keyed])
+        for key in keyed[0]
+        if all(key in entries for entries in keyed)
+    ]
+    return {
+        "format": SUMMARY_FORMAT,
+        "grid": grid,
+        "num_configurations": len(entries),
+        "entries": entries,
+    }
+
+
+def _entry_key(config: dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True)
+
+
+def _join_rows(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Join summaries of the same seeds and different rows into one."""
+    entries: dict[str, dict[str, Any]] = {}
+    for summary in summaries:
+        for entry in summary["entries"]:
+            entries.setdefault(_entry_key(entry["config"]), dict(entry))
+    serial: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for entry in entries.values():
+        if "serial_accuracy" in entry:
+            key = ExperimentConfig(**entry["config"]).serial_key()
+            serial.setdefault(key, {name: entry[name] for name in SERIAL_FIELDS})
+    for entry in entries.values():
+        config = ExperimentConfig(**entry["config"])
+        if "serial_accuracy" not in entry and config.serial_key() in serial:
+            entry.update(serial[config.serial_key()])
+        base = entries.get(_entry_key(noise_free_counterpart(config).to_dict()))
+        if "local_gain" not in entry and base is not None:
+            entry.update(
+                _paired_gains(
+                    list(
+                        zip(
+                            entry["local_accuracy"]["values"],
+                            entry["averaged_accuracy"]["values"],
+                            strict=True,
+                        )
+                    ),
+                    list(
+                        zip(
+                            base["local_accuracy"]["values"],
+                            base["averaged_accuracy"]["values"],
+                            strict=True,
+                        )
+                    ),
+                )
+            )
+    return {**summaries[0], "entries": list(entries.values())}
+
+
+def _merge_entries(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    weights = [len(part["seeds"]) for part in parts]
+
+    def weighted(values: Sequence[float]) -> float:
+        return float(np.average(values, weights=weights))
+
+    merged: dict[str, Any] = {}
+    for key, value in parts[0].items():
+        if isinstance(value, dict) and "values" in value:
+            merged[key] = summarize([v for part in parts for v in part[key]["values"]])
+        elif key == "seeds":
+            merged[key] = [seed for part in parts for seed in part["seeds"]]
+        elif key == "sigma_over_layer_rms":
+            merged[key] = {
+                name: weighted([part[key][name] for part in parts]) for name in value
+            }
+        elif key == "rounds_to_reach":
+            merged[key] = {
+                model: {
+                    level: [r for part in parts for r in part[key][model][level]]
+                    for level in levels
+                }
+                for model, levels in value.items()
+            }
+        elif key == "rounds":
+            merged[key] = [
+                _merge_round(records, weighted)
+                for records in zip(*(part["rounds"] for part in parts), strict=True)
+            ]
+        else:
+            merged[key] = value
+    return merged
+
+
+def _merge_round(
+    records: Sequence[dict[str, Any]], weighted: Callable[[Sequence[float]], float]
+) -> dict[str, Any]:
+    merged = {"round": records[0]["round"]}
+    for key in ("local_loss", "averaged_loss"):
+        merged[key] = weighted([record[key] for record in records])
+    for model in ("local", "averaged"):
+        values = [v for record in records for v in record[f"{model}_accuracy_seeds"]]
+        merged[f"{model}_accuracy"] = _mean(values)
+        merged[f"{model}_accuracy_seeds"] = values
+    return merged
+
+
 def noise_free_counterpart(config: ExperimentConfig) -> ExperimentConfig:
-    """Return the configuration with the same settings and no noise."""
-    return replace(config, noise_std=0.0).canonical()
+    """Return the configuration with the same settings, no noise and no SAM."""
+    return replace(config, noise_std=0.0, sam_rho=0.0).canonical()
 
 
 def _data_key(config: ExperimentConfig, seed: int) -> tuple[Any, ...]:
@@ -336,8 +545,18 @@ class SweepRunner:
             )
         return self._serial[key]
 
-    def run(self) -> dict[str, Any]:
-        """Run every configuration with every seed; return the summary."""
+    def run(
+        self, *, checkpoint: Callable[[dict[str, Any]], None] | None = None
+    ) -> dict[str, Any]:
+        """Run every configuration with every seed; return the summary.
+
+        Parameters
+        ----------
+        checkpoint : Callable[[dict[str, Any]], None] | None (default: None)
+            Receives the summary so far after each configuration's last seed,
+            so a long sweep that is stopped keeps its finished rows.
+
+        """
         self.check_data()
         total = len(self.configurations) * len(self.grid.seeds)
         done = 0
@@ -347,17 +566,21 @@ class SweepRunner:
                     config, seed, data=self.data(config, seed), device=self._device
                 )
                 self.results[(config, seed)] = result
-                serial = self.serial(config, seed, large_batch=False)
-                large = self.serial(config, seed, large_batch=True)
+                serial = ""
+                if self.grid.serial_baselines:
+                    small = self.serial(config, seed, large_batch=False)
+                    large = self.serial(config, seed, large_batch=True)
+                    serial = f", serial {small.accuracy:.4f} / {large.accuracy:.4f}"
                 done += 1
                 if self._progress is not None:
                     self._progress(
                         f"[{done}/{total}] {describe(config)} seed={seed}: local "
                         f"{result.final.local_accuracy_mean:.4f}, averaged "
-                        f"{result.final.averaged_accuracy:.4f}, serial "
-                        f"{serial.accuracy:.4f} / {large.accuracy:.4f} "
+                        f"{result.final.averaged_accuracy:.4f}{serial} "
                         f"({result.seconds:.1f} s)"
                     )
+            if checkpoint is not None:
+                checkpoint(self.summary())
         return self.summary()
 
     def summary(self) -> dict[str, Any]:
@@ -378,8 +601,6 @@ class SweepRunner:
         seeds = self.grid.seeds
         runs = [self.results[(config, seed)] for seed in seeds]
         finals = [run.final for run in runs]
-        serial = [self.serial(config, seed, large_batch=False) for seed in seeds]
-        large = [self.serial(config, seed, large_batch=True) for seed in seeds]
         entry: dict[str, Any] = {
             "config": config.to_dict(),
             "seeds": list(seeds),
@@ -387,26 +608,46 @@ class SweepRunner:
             "local_accuracy_min": summarize([f.local_accuracy_min for f in finals]),
             "local_accuracy_max": summarize([f.local_accuracy_max for f in finals]),
             "averaged_accuracy": summarize([f.averaged_accuracy for f in finals]),
-            "serial_accuracy": summarize([s.accuracy for s in serial]),
-            "serial_large_batch_accuracy": summarize([s.accuracy for s in large]),
-            "serial_steps": serial[0].steps,
-            "serial_large_batch_steps": large[0].steps,
-            "serial_large_batch_size": large[0].batch_size,
+            "local_loss": summarize([f.local_loss_mean for f in finals]),
+            "averaged_loss": summarize([f.averaged_loss for f in finals]),
+            "update_rms": summarize([run.update_rms for run in runs]),
         }
+        if self.grid.serial_baselines:
+            serial = [self.serial(config, seed, large_batch=False) for seed in seeds]
+            large = [self.serial(config, seed, large_batch=True) for seed in seeds]
+            entry.update(
+                {
+                    "serial_accuracy": summarize([s.accuracy for s in serial]),
+                    "serial_large_batch_accuracy": summarize(
+                        [s.accuracy for s in large]
+                    ),
+                    "serial_loss": summarize([s.loss for s in serial]),
+                    "serial_large_batch_loss": summarize([s.loss for s in large]),
+                    "serial_steps": serial[0].steps,
+                    "serial_large_batch_steps": large[0].steps,
+                    "serial_large_batch_size": large[0].batch_size,
+                }
+            )
+        if config.noise_enabled and not config.relative:
+            ratios = [
+                noise_ratios(config.noise_std, run.update_rms, run.layer_rms)
+                for run in runs
+            ]
+            entry["sigma_over_update"] = summarize(
+                [r["sigma_over_update"] for r in ratios]
+            )
+            entry["sigma_over_layer_rms"] = {
+                name: _mean(r["sigma_over_layer_rms"][name] for r in ratios)
+                for name in ratios[0]["sigma_over_layer_rms"]
+            }
         baseline = noise_free_counterpart(config)
         if all((baseline, seed) in self.results for seed in seeds):
             base_finals = [self.results[(baseline, seed)].final for seed in seeds]
-            entry["local_gain"] = summarize(
-                [
-                    f.local_accuracy_mean - b.local_accuracy_mean
-                    for f, b in zip(finals, base_finals, strict=True)
-                ]
-            )
-            entry["averaged_gain"] = summarize(
-                [
-                    f.averaged_accuracy - b.averaged_accuracy
-                    for f, b in zip(finals, base_finals, strict=True)
-                ]
+            entry.update(
+                _paired_gains(
+                    [(f.local_accuracy_mean, f.averaged_accuracy) for f in finals],
+                    [(b.local_accuracy_mean, b.averaged_accuracy) for b in base_finals],
+                )
             )
         if config.record_rounds:
             entry["rounds"] = [
@@ -414,10 +655,49 @@ class SweepRunner:
                     "round": records[0].round,
                     "local_accuracy": _mean(r.local_accuracy_mean for r in records),
                     "averaged_accuracy": _mean(r.averaged_accuracy for r in records),
+                    "local_loss": _mean(r.local_loss_mean for r in records),
+                    "averaged_loss": _mean(r.averaged_loss for r in records),
+                    "local_accuracy_seeds": [r.local_accuracy_mean for r in records],
+                    "averaged_accuracy_seeds": [r.averaged_accuracy for r in records],
                 }
                 for records in zip(*(run.rounds for run in runs), strict=True)
             ]
+            entry["rounds_to_reach"] = {
+                model: {
+                    f"{level:g}": [
+                        rounds_to_reach(run.rounds, level, model=model) for run in runs
+                    ]
+                    for level in self.grid.accuracy_levels
+                }
+                for model in ("local", "averaged")
+            }
         return entry
+
+
+def rounds_to_reach(
+    records: Sequence[RoundRecord], level: float, *, model: str = "averaged"
+) -> int | None:
+    """Return the first round whose accuracy is at least ``level``, or ``None``.
+
+    Parameters
+    ----------
+    records : Sequence[RoundRecord]
+        Every round of a run (``record_rounds``).
+    level : float
+        The accuracy level, in ``[0, 1]``.
+    model : str (default: "averaged")
+        ``"averaged"``: the averaged model; ``"local"``: the learners' mean.
+
+    """
+    for record in records:
+        accuracy = (
+            record.averaged_accuracy
+            if model == "averaged"
+            else record.local_accuracy_mean
+        )
+        if accuracy >= level:
+            return record.round
+    return None
 
 
 def _mean(values: Any) -> float:

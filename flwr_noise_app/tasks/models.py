@@ -1,4 +1,4 @@
-"""Reference models for the bundled tasks: a linear model, an MLP and a small CNN."""
+"""Reference models for the bundled tasks: linear, MLP, small CNN, deep tanh MLP."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ import operator
 import torch
 from torch import nn
 
-MODELS: tuple[str, ...] = ("linear", "mlp", "cnn")
+MODELS: tuple[str, ...] = ("linear", "mlp", "cnn", "deep-tanh")
+
+# The deep tanh MLP: many narrow tanh layers, no normalization, torch's default
+# initialisation; hard to optimize (long early plateau), the regime where
+# Neelakantan et al. (2015) report gains from noise.
+DEEP_TANH_HIDDEN_LAYERS = 10
+DEEP_TANH_WIDTH = 64
 
 _CNN_CONV_CHANNELS = (32, 64)
 _CNN_KERNEL_SIZE = 3
@@ -29,7 +35,9 @@ def build_model(
         One of ``MODELS``: ``"linear"`` (Flatten + Linear), ``"mlp"`` (two
         hidden layers of 256 and 128 ReLU units) or ``"cnn"`` (two 3x3
         convolutions with 32 and 64 channels, 2x2 max pooling, a hidden
-        layer of 128 units; about 1.2M parameters on 1x28x28 inputs).
+        layer of 128 units; about 1.2M parameters on 1x28x28 inputs) or
+        ``"deep-tanh"`` (10 hidden layers of 64 tanh units, no
+        normalization: an optimization-hard network).
     input_shape : tuple[int, int, int]
         Shape of one input, ``(channels, height, width)``.
     num_classes : int
@@ -137,4 +145,19 @@ def _build_cnn(input_shape: tuple[int, int, int], num_classes: int) -> nn.Module
     )
 
 
-_BUILDERS = {"linear": _build_linear, "mlp": _build_mlp, "cnn": _build_cnn}
+def _build_deep_tanh(input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = _flat_size(input_shape)
+    for _ in range(DEEP_TANH_HIDDEN_LAYERS):
+        layers += [nn.Linear(width, DEEP_TANH_WIDTH), nn.Tanh()]
+        width = DEEP_TANH_WIDTH
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+_BUILDERS = {
+    "linear": _build_linear,
+    "mlp": _build_mlp,
+    "cnn": _build_cnn,
+    "deep-tanh": _build_deep_tanh,
+}

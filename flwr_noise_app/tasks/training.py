@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,6 +46,7 @@ def train_steps(
     generator: torch.Generator,
     learning_rate: float | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    sam_rho: float = 0.0,
 ) -> float:
     """Run exactly ``steps`` mini-batch optimizer steps on ``(x, y)``.
 
@@ -74,6 +77,9 @@ def train_steps(
     optimizer : torch.optim.Optimizer | None
         The optimizer to step, e.g. one from ``make_optimizer`` with a noise
         hook attached.
+    sam_rho : float (default: 0.0)
+        ``> 0``: every step is a SAM step (see ``sam_gradient``) with this
+        radius; ``0``: plain gradient steps.
 
     Returns
     -------
@@ -84,11 +90,12 @@ def train_steps(
     ------
     ValueError
         If ``x`` and ``y`` do not match or are empty, ``steps`` or
-        ``batch_size`` is not positive, or the learning rate is missing or
-        does not match the optimizer's.
+        ``batch_size`` is not positive, ``sam_rho`` is negative, or the
+        learning rate is missing or does not match the optimizer's.
 
     """
     _check_positive_int("steps", steps)
+    check_real("sam_rho", sam_rho, low=0.0)
     _check_positive_int("batch_size", batch_size)
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(
@@ -112,11 +119,67 @@ def train_steps(
             ).to(x.device)
         indices = order[position * batch : (position + 1) * batch]
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x[indices]), y[indices])
-        loss.backward()
+        inputs, labels = x[indices], y[indices]
+        if sam_rho > 0:
+            loss = sam_gradient(
+                model,
+                lambda inputs=inputs, labels=labels: F.cross_entropy(
+                    model(inputs), labels
+                ),
+                sam_rho,
+            )
+        else:
+            loss = F.cross_entropy(model(inputs), labels)
+            loss.backward()
         optimizer.step()
         total_loss += loss.detach()
     return float(total_loss) / steps
+
+
+def sam_gradient(
+    model: nn.Module, compute_loss: Callable[[], torch.Tensor], rho: float
+) -> torch.Tensor:
+    """Leave in ``.grad`` the SAM gradient: the gradient at ``w + rho g / ||g||``.
+
+    Sharpness-aware minimization (Foret et al. 2021), as FedSAM uses it for
+    local training: ``g`` is the gradient at the current weights ``w``
+    (``||g||`` the L2 norm over every parameter that has one); the loss is
+    differentiated again at the ascent point ``w + rho g / ||g||`` and the
+    weights are put back to ``w`` exactly, so the next ``optimizer.step()``
+    moves ``w`` along the gradient taken at the ascent point.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model, with no gradients accumulated.
+    compute_loss : Callable[[], torch.Tensor]
+        Returns the mini-batch loss of the model's current weights.
+    rho : float
+        The radius of the ascent step, ``>= 0``.
+
+    Returns
+    -------
+    loss : torch.Tensor
+        The loss at ``w`` (detached).
+
+    """
+    loss = compute_loss()
+    loss.backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    with torch.no_grad():
+        norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(p.grad) for p in params])
+        )
+        scale = rho / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+        saved = [p.detach().clone() for p in params]
+        for param in params:
+            param.add_(param.grad * scale)
+    model.zero_grad(set_to_none=True)
+    compute_loss().backward()
+    with torch.no_grad():
+        for param, weights in zip(params, saved, strict=True):
+            param.copy_(weights)
+    return loss.detach()
 
 
 @torch.no_grad()
