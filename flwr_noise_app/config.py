@@ -6,7 +6,7 @@ checked before training starts; a bad value raises one ``ValueError`` or
 value and what is allowed, e.g.::
 
     run config 'model'='resnet' is not allowed: expected one of 'linear',
-    'mlp', 'cnn'
+    'mlp', 'cnn', 'deep-tanh'
 
 Keys that become ``NoiseSpec`` fields are checked by ``NoiseSpec`` itself; its
 error is kept whole, after the key it came from::
@@ -238,7 +238,8 @@ class AppConfig:
     learning_rate : float
         ``learning-rate``: SGD step size, finite and ``> 0``.
     model : str
-        ``model``: one of ``"linear"``, ``"mlp"``, ``"cnn"``.
+        ``model``: a name in ``tasks.models.MODELS`` ("linear", "mlp", "cnn",
+        "deep-tanh").
     dataset : str
         ``dataset``: ``"digits"`` or ``"mnist"``.
     data_dir : str
