@@ -122,6 +122,7 @@ RUN_NAME = (
     "expected at most 100 letters, digits, '.', '_' and '-', starting with a "
     "letter or digit"
 )
+MODEL_NAMES = "'linear', 'mlp', 'cnn', 'deep-tanh'"
 BAD_VALUES = [
     ("num-server-rounds", 0, ValueError, INT_1),
     ("num-server-rounds", True, TypeError, INT_1),
@@ -132,8 +133,8 @@ BAD_VALUES = [
     ("learning-rate", 0.0, ValueError, FINITE_POSITIVE),
     ("learning-rate", float("nan"), ValueError, FINITE_POSITIVE),
     ("learning-rate", "fast", TypeError, FINITE_POSITIVE),
-    ("model", "resnet", ValueError, "expected one of 'linear', 'mlp', 'cnn', 'deep-tanh'"),
-    ("model", 3, TypeError, "expected a str, one of 'linear', 'mlp', 'cnn', 'deep-tanh'"),
+    ("model", "resnet", ValueError, f"expected one of {MODEL_NAMES}"),
+    ("model", 3, TypeError, f"expected a str, one of {MODEL_NAMES}"),
     ("dataset", "cifar10", ValueError, "expected one of 'digits', 'mnist'"),
     ("data-dir", None, TypeError, "expected a str"),
     ("seed", -1, ValueError, "expected an int in [0, 4294967295]"),
