@@ -179,7 +179,7 @@ SERVER_COSTS: dict[str, tuple[str, str]] = {
     "ResultsWriter.add_round": ("add_round", "results.py"),
     "results plot (_plot_rounds)": ("_plot_rounds", "results.py"),
     "ResultsWriter.finish": ("finish", "results.py"),
-    "Checkpointer.save": ("save", "flwr_noise_app/checkpoint.py"),
+    "RunFolder.save_checkpoint": ("save_checkpoint", "flwr_noise_app/run_folder.py"),
     "atomic_write (with fsync)": ("atomic_write", "flwr_noise_app/results.py"),
 }
 CLIENT_COSTS: dict[str, tuple[str, str]] = {
@@ -192,7 +192,7 @@ CLIENT_COSTS: dict[str, tuple[str, str]] = {
     "ArrayRecord -> state_dict": ("to_torch_state_dict", "message/arrayrecord.py"),
     "load_state_dict": ("load_state_dict", "torch/nn/modules/module.py"),
     "make_optimizer": ("make_optimizer", "tasks/training.py"),
-    "weight_noise_from_message": ("weight_noise_from_message", "flwr_noise/mod.py"),
+    "weight_noise (set-up)": ("weight_noise", "flwr_noise/mod.py"),
     "train_steps": ("train_steps", "tasks/training.py"),
     "evaluate (local model)": ("evaluate", "tasks/training.py"),
     "ArrayRecord(state_dict)": ("__init__", "message/arrayrecord.py"),
