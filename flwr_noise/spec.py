@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from flwr_noise.validation import (
+    allowed_choices,
     check_bool,
     check_patterns,
     check_real,
@@ -49,9 +50,9 @@ def _validate_seed(label: str, value: Any) -> int | None:
     if value is None:
         return None
     if not is_integer(value):
-        raise TypeError(f"{label}={value!r} is not allowed: expected {expected}")
+        raise not_allowed(label, value, expected, TypeError)
     if not 0 <= value < SEED_LIMIT:
-        raise ValueError(f"{label}={value!r} is not allowed: expected {expected}")
+        raise not_allowed(label, value, expected)
     return int(value)
 
 
@@ -193,7 +194,7 @@ class NoiseSpec:
 
         """
         if not is_integer(t) or t < 0:
-            raise ValueError(f"t={t!r} is not allowed: expected an int >= 0")
+            raise not_allowed("t", t, "an int >= 0")
         if self.schedule == "exponential":
             return self.std * self.decay ** int(t)
         if self.schedule == "inverse-sqrt":
@@ -257,7 +258,7 @@ class NoiseSpec:
 
         """
         values: dict[str, Any] = {}
-        for name, validate in _VALIDATORS.items():
+        for name in _VALIDATORS:
             key = prefix + name
             label = f"ConfigRecord[{key!r}]"
             if key not in record and name in _OPTIONAL_CONFIG_FIELDS:
@@ -272,13 +273,80 @@ class NoiseSpec:
             if name == "seed" and is_integer(value) and value == CONFIG_NO_SEED:
                 value = None
             elif name == "seed" and value is None:
-                raise TypeError(
-                    f"{label}=None is not allowed: expected an int with "
-                    f"0 <= seed < 2**63, or {CONFIG_NO_SEED} for no seed"
+                raise not_allowed(
+                    label,
+                    value,
+                    f"an int with 0 <= seed < 2**63, or {CONFIG_NO_SEED} for no seed",
+                    TypeError,
                 )
-            values[name] = validate(label, value)
-        _check_combination(values, lambda name: f"ConfigRecord[{prefix + name!r}]")
-        return cls(**values)
+            values[name] = value
+        return cls.from_fields(values, lambda name: f"ConfigRecord[{prefix + name!r}]")
+
+    @staticmethod
+    def check_field(name: str, label: str, value: Any) -> Any:
+        """Return ``value`` validated as the field ``name``, named ``label`` in errors.
+
+        For callers that take a field under their own name (a run config key,
+        a command-line flag), so that the error names what their user wrote.
+
+        Parameters
+        ----------
+        name : str
+            A field of ``NoiseSpec`` (``"std"``, ``"include"``, ...).
+        label : str
+            What the error message calls the value.
+        value : Any
+            The value to check.
+
+        Returns
+        -------
+        Any
+            The value as the spec stores it (e.g. patterns as a tuple).
+
+        Raises
+        ------
+        TypeError
+            If ``value`` has the wrong type.
+        ValueError
+            If it is not allowed, or ``name`` is not a field.
+
+        """
+        validate = _VALIDATORS.get(name)
+        if validate is None:
+            raise not_allowed(
+                "NoiseSpec field", name, allowed_choices(tuple(_VALIDATORS))
+            )
+        return validate(label, value)
+
+    @classmethod
+    def from_fields(
+        cls, values: Mapping[str, Any], label: Callable[[str], str]
+    ) -> NoiseSpec:
+        """Build a spec whose errors name each field ``label(field name)``.
+
+        Parameters
+        ----------
+        values : Mapping[str, Any]
+            Field values by field name; a missing field takes its default.
+        label : Callable[[str], str]
+            Maps a field name to what the caller's user wrote it as, e.g.
+            ``lambda name: f"ConfigRecord['noise.{name}']"``.
+
+        Raises
+        ------
+        TypeError
+            If a value has the wrong type.
+        ValueError
+            If a value, or a combination of values, is not allowed, or a name
+            is not a field.
+
+        """
+        checked = {
+            name: cls.check_field(name, label(name), value)
+            for name, value in values.items()
+        }
+        _check_combination({**_DEFAULTS, **checked}, label)
+        return cls(**checked)
 
     @staticmethod
     def in_config(record: Mapping[str, Any], prefix: str = "noise.") -> bool:
@@ -288,3 +356,7 @@ class NoiseSpec:
         keys are complete and valid is checked by :meth:`from_config`.
         """
         return prefix + "std" in record
+
+
+# Field defaults, for combination checks of a partial set of fields.
+_DEFAULTS: dict[str, Any] = {field.name: field.default for field in fields(NoiseSpec)}

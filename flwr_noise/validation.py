@@ -202,7 +202,7 @@ SAFE_PATTERNS = (
 )
 
 
-def check_patterns(label: str, value: Any) -> tuple[str, ...]:
+def check_patterns(label: str, value: Any, *, written: Any = None) -> tuple[str, ...]:
     """Return regular expressions that ``re.search`` matches in bounded time.
 
     Patterns can come from a server, so each is bounded in size and refused
@@ -218,6 +218,10 @@ def check_patterns(label: str, value: Any) -> tuple[str, ...]:
         Name of the value in the error message.
     value : Any
         One pattern (str) or a list or tuple of them.
+    written : Any (default: None)
+        What the user wrote, shown in the error instead of ``value`` when it
+        is not ``None`` (e.g. the comma-separated str that ``value`` was
+        split from).
 
     Returns
     -------
@@ -233,16 +237,17 @@ def check_patterns(label: str, value: Any) -> tuple[str, ...]:
 
     """
     patterns = (value,) if isinstance(value, str) else value
+    shown = value if written is None else written
     if not isinstance(patterns, list | tuple) or not all(
         isinstance(pattern, str) for pattern in patterns
     ):
-        raise not_allowed(label, value, SAFE_PATTERNS, TypeError)
+        raise not_allowed(label, shown, SAFE_PATTERNS, TypeError)
     if len(patterns) > MAX_PATTERNS:
-        raise not_allowed(label, value, SAFE_PATTERNS)
+        raise not_allowed(label, shown, SAFE_PATTERNS)
     for pattern in patterns:
         reason = _unsafe_pattern_reason(pattern)
         if reason is not None:
-            raise not_allowed(label, value, f"{SAFE_PATTERNS}; {pattern!r} {reason}")
+            raise not_allowed(label, shown, f"{SAFE_PATTERNS}; {pattern!r} {reason}")
     return tuple(patterns)
 
 

@@ -8,11 +8,11 @@ value and what is allowed, e.g.::
     run config 'model'='resnet' is not allowed: expected one of 'linear',
     'mlp', 'cnn', 'deep-tanh'
 
-Keys that become ``NoiseSpec`` fields are checked by ``NoiseSpec`` itself; its
-error is kept whole, after the key it came from::
+Keys that become ``NoiseSpec`` fields are checked by ``NoiseSpec``'s own
+rules, under the run config key (``NoiseSpec.check_field``)::
 
-    run config 'local-noise-std': NoiseSpec.std=-1 is not allowed: expected a
-    finite number >= 0
+    run config 'local-noise-std'=-1 is not allowed: expected a finite number
+    in [0, 1e+06]
 
 Types follow TOML: ints are ints (``true`` is not an int; a float with an
 integral value such as ``20.0`` is accepted as ``20``), numbers may be ints or
@@ -35,6 +35,7 @@ from flwr_noise.validation import (
     allowed_choices,
     check_choice,
     check_integer,
+    check_patterns,
     check_real,
     is_real,
     not_allowed,
@@ -149,33 +150,26 @@ def _resume(label: str, value: Any) -> str:
 
 
 def _spec_field(name: str) -> Callable[[str, Any], Any]:
-    """Validate one ``NoiseSpec`` field by building a spec with only that field.
+    """Validate one ``NoiseSpec`` field under its run config key.
 
     ``NoiseSpec`` owns the rules (allowed distributions, ranges, valid
-    regular expressions). Its error is raised again, unchanged, after the
-    run config key it came from. ``noise-include`` / ``noise-exclude`` take
-    a comma-separated string.
+    regular expressions); the error names the run config key.
+    ``noise-include`` / ``noise-exclude`` take a comma-separated string.
     """
-    patterns = name in ("include", "exclude")
+    if name not in ("include", "exclude"):
+        return lambda label, value: NoiseSpec.check_field(name, label, value)
 
     def parse(label: str, value: Any) -> Any:
-        candidate = value
-        if patterns and isinstance(value, str):
-            candidate = tuple(part.strip() for part in value.split(",") if part.strip())
-        elif patterns and not isinstance(value, (list, tuple)):
+        if isinstance(value, (list, tuple)):
+            return check_patterns(label, value)
+        if not isinstance(value, str):
             raise not_allowed(
                 label, value, "a comma-separated str of regular expressions", TypeError
             )
-        return getattr(_build_spec(label, **{name: candidate}), name)
+        parts = tuple(part.strip() for part in value.split(",") if part.strip())
+        return check_patterns(label, parts, written=value)
 
     return parse
-
-
-def _build_spec(label: str, **values: Any) -> NoiseSpec:
-    try:
-        return NoiseSpec(**values)
-    except (TypeError, ValueError) as error:
-        raise type(error)(f"{label}: {error}") from None
 
 
 def _decay_override(label: str, value: Any) -> float | None:
@@ -382,9 +376,11 @@ class AppConfig:
 
         """
         if not isinstance(run_config, Mapping):
-            raise TypeError(
-                f"run config of type {type(run_config).__name__} is not allowed: "
-                "expected a mapping of run config keys to values"
+            raise not_allowed(
+                "run config",
+                run_config,
+                "a mapping of run config keys to values",
+                TypeError,
             )
         for name in run_config:
             if name not in RUN_CONFIG_KEYS:
@@ -454,19 +450,27 @@ class AppConfig:
         if std == 0:
             return None
         extra = {"schedule_unit": "round", **(extra or {})}
-        return _build_spec(
-            f"run config ({kind} noise: '{kind}-noise-std' and 'noise-*')",
-            std=std,
-            distribution=self.noise_distribution,
-            mode=self.noise_mode,
-            relative=self.noise_relative,
-            schedule=self.noise_schedule,
-            decay=self.noise_decay if decay is None else decay,
-            gamma=self.noise_gamma,
-            include=self.noise_include,
-            exclude=self.noise_exclude,
-            seed=self.seed,
-            **extra,
+        # The run config key each field comes from, for the error message.
+        keys = {
+            "std": f"{kind}-noise-std",
+            "decay": "noise-decay" if decay is None else f"{kind}-noise-decay",
+            "seed": "seed",
+        }
+        return NoiseSpec.from_fields(
+            {
+                "std": std,
+                "distribution": self.noise_distribution,
+                "mode": self.noise_mode,
+                "relative": self.noise_relative,
+                "schedule": self.noise_schedule,
+                "decay": self.noise_decay if decay is None else decay,
+                "gamma": self.noise_gamma,
+                "include": self.noise_include,
+                "exclude": self.noise_exclude,
+                "seed": self.seed,
+                **extra,
+            },
+            lambda name: key_label(keys.get(name, "noise-" + _run_config_key(name))),
         )
 
 
