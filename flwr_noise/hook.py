@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -15,6 +14,7 @@ from torch.utils.hooks import RemovableHandle
 from flwr_noise.sampling import FlatTensorNoise, NoiseReport
 from flwr_noise.seeding import noise_seed_sequence, torch_generator
 from flwr_noise.spec import NoiseSpec
+from flwr_noise.validation import check_integer, not_allowed
 
 
 class WeightNoise:
@@ -77,22 +77,10 @@ class WeightNoise:
         track_norm: bool = True,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
-            raise TypeError(
-                f"model={type(model).__name__} is not allowed: expected a "
-                "torch.nn.Module"
-            )
+            raise not_allowed("model", model, "a torch.nn.Module", TypeError)
         if not isinstance(spec, NoiseSpec):
-            raise TypeError(
-                f"spec={spec!r} is not allowed: expected a flwr_noise.NoiseSpec"
-            )
-        if not isinstance(start_step, numbers.Integral) or isinstance(start_step, bool):
-            raise TypeError(
-                f"start_step={start_step!r} is not allowed: expected an int >= 0"
-            )
-        if start_step < 0:
-            raise ValueError(
-                f"start_step={start_step!r} is not allowed: expected an int >= 0"
-            )
+            raise not_allowed("spec", spec, "a flwr_noise.NoiseSpec", TypeError)
+        check_integer("start_step", start_step, low=0)
         # Validates client, server_round and purpose with one clear error.
         noise_seed_sequence(
             spec.seed, client=client, server_round=server_round, purpose=purpose
@@ -240,9 +228,8 @@ class WeightNoise:
 
         """
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer={type(optimizer).__name__} is not allowed: expected a "
-                "torch.optim.Optimizer"
+            raise not_allowed(
+                "optimizer", optimizer, "a torch.optim.Optimizer", TypeError
             )
         noise = self._noise
         if noise is None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from flwr_noise.spec import DISTRIBUTIONS, MODES, NoiseSpec
+from flwr_noise.validation import allowed_choices, not_allowed
 
 # Normalization statistics travel in ArrayRecords beside the weights; never
 # perturb them.
@@ -59,26 +60,18 @@ def _check_sigma(sigma: float) -> float:
         or not math.isfinite(sigma)
         or sigma < 0
     ):
-        raise ValueError(
-            f"sigma={sigma!r} is not allowed: expected a finite float >= 0"
-        )
+        raise not_allowed("sigma", sigma, "a finite float >= 0")
     return float(sigma)
 
 
 def _check_distribution(distribution: str) -> None:
     if distribution not in DISTRIBUTIONS:
-        raise ValueError(
-            f"distribution={distribution!r} is not allowed: expected one of "
-            + ", ".join(repr(known) for known in DISTRIBUTIONS)
-        )
+        raise not_allowed("distribution", distribution, allowed_choices(DISTRIBUTIONS))
 
 
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
-        raise ValueError(
-            f"mode={mode!r} is not allowed: expected one of "
-            + ", ".join(repr(known) for known in MODES)
-        )
+        raise not_allowed("mode", mode, allowed_choices(MODES))
 
 
 def _uniform_half_width(sigma: float) -> float:
@@ -169,9 +162,7 @@ def perturb_arrays(
     sigma = _check_sigma(sigma)
     for name, array in arrays.items():
         if not isinstance(array, np.ndarray):
-            raise TypeError(
-                f"arrays[{name!r}] is a {type(array).__name__}: expected np.ndarray"
-            )
+            raise not_allowed(f"arrays[{name!r}]", array, "an np.ndarray", TypeError)
     if sigma == 0:
         return dict(arrays), NoiseReport(
             sigma=0.0, l2_norm=0.0, numel=0, applications=0
@@ -339,9 +330,11 @@ class FlatTensorNoise:
         grouped: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for index, tensor in enumerate(tensors):
             if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-                raise TypeError(
-                    f"tensors[{index}] is not allowed: expected a floating-point "
-                    f"torch.Tensor, got {getattr(tensor, 'dtype', type(tensor))}"
+                raise not_allowed(
+                    f"tensors[{index}]",
+                    tensor,
+                    "a floating-point torch.Tensor",
+                    TypeError,
                 )
             if tensor.numel() > 0:
                 grouped.setdefault((tensor.device, tensor.dtype), []).append(tensor)

@@ -39,9 +39,10 @@ def _client_key(client: int | str) -> tuple[int, int]:
             return _CLIENT_KIND_AGGREGATE, 0
         if client >= 0:
             return _CLIENT_KIND_PARTITION, int(client)
-    raise ValueError(
-        f"client={client!r} is not allowed: expected an int >= 0 (partition id), "
-        f"AGGREGATE_CLIENT ({AGGREGATE_CLIENT}) or a str"
+    raise not_allowed(
+        "client",
+        client,
+        f"an int >= 0 (partition id), AGGREGATE_CLIENT ({AGGREGATE_CLIENT}) or a str",
     )
 
 
@@ -104,19 +105,14 @@ def noise_seed_sequence(
         or isinstance(seed, bool)
         or not 0 <= seed < 2**63
     ):
-        raise ValueError(
-            f"seed={seed!r} is not allowed: expected None or an int with "
-            "0 <= seed < 2**63"
-        )
+        raise not_allowed("seed", seed, "None or an int with 0 <= seed < 2**63")
     client_kind, client_value = _client_key(client)
     if (
         not isinstance(server_round, numbers.Integral)
         or isinstance(server_round, bool)
         or server_round < 0
     ):
-        raise ValueError(
-            f"server_round={server_round!r} is not allowed: expected an int >= 0"
-        )
+        raise not_allowed("server_round", server_round, "an int >= 0")
     spawn_key = (client_kind, client_value, int(server_round), purpose_key(purpose))
     entropy = None if seed is None else int(seed)
     return np.random.SeedSequence(entropy=entropy, spawn_key=spawn_key)
