@@ -152,24 +152,29 @@ def spec_from_wire(config: Mapping[str, Any], prefix: str) -> NoiseSpec:
     except (TypeError, ValueError):
         raise
     except Exception as error:  # pylint: disable=broad-exception-caught
-        raise ValueError(
-            f"the ConfigRecord entries under {prefix!r} are not allowed: "
-            f"{type(error).__name__}: {error}"
+        entries = {
+            key: value for key, value in config.items() if key.startswith(prefix)
+        }
+        raise not_allowed(
+            f"ConfigRecord entries under {prefix!r}",
+            entries,
+            f"a valid NoiseSpec ({type(error).__name__}: {error})",
         ) from error
 
 
 def _config_holding_spec(msg: Message, prefix: str) -> ConfigRecord | None:
-    holding = [
-        config
-        for config in msg.content.config_records.values()
+    holding = {
+        name: config
+        for name, config in msg.content.config_records.items()
         if NoiseSpec.in_config(config, prefix)
-    ]
+    }
     if len(holding) > 1:
-        raise ValueError(
-            f"the message holds {len(holding)} ConfigRecords with a noise spec "
-            f"under prefix {prefix!r}: expected at most one"
+        raise not_allowed(
+            f"ConfigRecords with {prefix + 'std'!r}",
+            list(holding),
+            "at most one ConfigRecord holding a noise spec under this prefix",
         )
-    return holding[0] if holding else None
+    return next(iter(holding.values()), None)
 
 
 @dataclass(frozen=True)
@@ -352,12 +357,11 @@ def _multi_record_error(
 ) -> Message:
     """Error reply to ``msg``: ``inspected`` (default ``msg``) has not one record."""
     content = (msg if inspected is None else inspected).content
-    count = sum(isinstance(record, record_type) for record in content.values())
-    return _error_reply(
-        msg,
-        f"{_MOD_NAME} expects exactly one {record_type.__name__}, but found "
-        f"{count} {record_type.__name__}(s).",
-    )
+    names = [
+        name for name, record in content.items() if isinstance(record, record_type)
+    ]
+    error = not_allowed(f"{record_type.__name__}s", names, "exactly one")
+    return _error_reply(msg, f"{_MOD_NAME}: {error}")
 
 
 # (prefix, stream purpose, older purpose name) of the noise added once per round.
@@ -420,9 +424,11 @@ def add_noise_once(
         perturbed, report = perturb_arrays(arrays, spec, sigma, rng)
         non_finite = first_non_finite(perturbed)
     except Exception as error:  # pylint: disable=broad-exception-caught
-        raise ValueError(
-            f"the noise spec under {prefix!r} could not be applied "
-            f"({type(error).__name__}: {error}); {std_key}={spec.std!r}"
+        raise not_allowed(
+            std_key,
+            spec.std,
+            "a noise spec under this prefix that applies to the received arrays "
+            f"({type(error).__name__}: {error})",
         ) from error
     if non_finite is not None:
         raise not_allowed(

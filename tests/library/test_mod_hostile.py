@@ -5,6 +5,7 @@ crash or a hang of the SuperNode."""
 from __future__ import annotations
 
 import math
+import re
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from fakes import make_context, random_arrays, record_arrays, train_message, train_reply
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.common.constant import ErrorCode
 
 from flwr_noise.mod import weight_noise, weight_noise_from_message, weight_noise_mod
@@ -271,3 +272,33 @@ def test_hostile_local_spec_raises_naming_the_key_in_the_functions(
         without_hanging(lambda: weight_noise_from_message(model, msg))
     with pytest.raises((TypeError, ValueError), match=expected.replace(".", r"\.")):
         without_hanging(enter_weight_noise)
+
+
+def test_two_records_with_a_spec_get_one_format_error_reply() -> None:
+    msg = train_message(
+        NODE_ID, random_arrays(ARRAY_SHAPES), valid_config(RECEIVED_PREFIX)
+    )
+    msg.content["extra"] = ConfigRecord(valid_config(RECEIVED_PREFIX))
+    inner = Inner()
+    out = without_hanging(
+        lambda: weight_noise_mod(msg, make_context(NODE_ID, 0), inner)
+    )
+    assert out.has_error()
+    assert out.error.reason == (
+        "weight_noise_mod: ConfigRecords=['config', 'extra'] is not allowed: "
+        "expected exactly one"
+    )
+    assert inner.calls == 0
+
+
+def test_two_records_with_a_local_spec_raise_one_format_error() -> None:
+    msg = train_message(
+        NODE_ID, random_arrays(ARRAY_SHAPES), valid_config(LOCAL_PREFIX)
+    )
+    msg.content["extra"] = ConfigRecord(valid_config(LOCAL_PREFIX))
+    message = (
+        f"ConfigRecords with {LOCAL_PREFIX + 'std'!r}=['config', 'extra'] is not "
+        "allowed: expected at most one ConfigRecord holding a noise spec"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        weight_noise_from_message(torch.nn.Linear(4, 8), msg)
