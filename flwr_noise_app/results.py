@@ -106,9 +106,10 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(results, dict) or not {"rounds", "status", "config"} <= set(
         results
     ):
-        raise ValueError(
-            f"results file {str(file)!r} is not allowed: expected a JSON object "
-            "with 'config', 'rounds' and 'status'"
+        raise not_allowed(
+            "results file",
+            str(file),
+            "a JSON object with 'config', 'rounds' and 'status'",
         )
     return results
 
@@ -178,10 +179,7 @@ class ResultsWriter:
     ) -> None:
         self._config = _jsonable(config, "config")
         if not isinstance(self._config, dict):
-            raise TypeError(
-                f"config of type {type(config).__name__} is not allowed: "
-                "expected a mapping"
-            )
+            raise not_allowed("config", config, "a mapping", TypeError)
         base = Path(results_dir)
         if resume_after is not None:
             if not run_name:
@@ -212,15 +210,14 @@ class ResultsWriter:
         self._write_json()
 
     def _load_for_resume(self, resume_after: int) -> None:
-        if (
-            isinstance(resume_after, bool)
-            or not isinstance(resume_after, numbers.Integral)
-            or resume_after < 0
+        if isinstance(resume_after, bool) or not isinstance(
+            resume_after, numbers.Integral
         ):
-            raise ValueError(
-                f"resume_after={resume_after!r} is not allowed: expected an int >= 0 "
-                "or None"
+            raise not_allowed(
+                "resume_after", resume_after, "an int >= 0 or None", TypeError
             )
+        if resume_after < 0:
+            raise not_allowed("resume_after", resume_after, "an int >= 0 or None")
         previous = load_results(self._run_dir)
         rounds = [
             entry
@@ -231,19 +228,21 @@ class ResultsWriter:
             entry.get("round") if isinstance(entry, Mapping) else entry
             for entry in rounds
         ]
+        label = f"results.json rounds of run {self.run_name!r}"
         if numbers_kept != list(range(1, resume_after + 1)):
-            raise ValueError(
-                f"results of run {self.run_name!r} with rounds {numbers_kept} are not "
-                f"allowed for resuming after round {resume_after}: expected rounds 1 "
-                f"to {resume_after}"
+            raise not_allowed(
+                label,
+                numbers_kept,
+                f"rounds 1 to {resume_after} to resume after round {resume_after}",
             )
         try:
-            rounds = [_checked_round(entry, nullable=True) for entry in rounds]
-        except (TypeError, ValueError) as error:
-            raise ValueError(
-                f"results of run {self.run_name!r} are not allowed for resuming: "
-                f"expected the rounds this App writes ({error})"
-            ) from None
+            rounds = [
+                _checked_round(entry, nullable=True, label=f"{label}[{index}]")
+                for index, entry in enumerate(rounds)
+            ]
+        except TypeError as error:
+            # Resuming refuses a damaged file with a ValueError, whatever is wrong.
+            raise ValueError(*error.args) from None
         for entry in rounds:
             self._append(entry)
         self._info = dict(previous.get("info") or {})
@@ -314,9 +313,10 @@ class ResultsWriter:
             )
         entry = _checked_round(metrics)
         if self._rounds and entry["round"] <= self._rounds[-1]["round"]:
-            raise ValueError(
-                f"round {entry['round']} is not allowed: expected a round after "
-                f"{self._rounds[-1]['round']}"
+            raise not_allowed(
+                "metrics['round']",
+                entry["round"],
+                f"a round after {self._rounds[-1]['round']}",
             )
         self._append(entry)
         self._write_all(final=False)
@@ -344,9 +344,7 @@ class ResultsWriter:
 
         """
         if status not in (STATUS_COMPLETE, STATUS_FAILED):
-            raise ValueError(
-                f"status {status!r} is not allowed: expected 'complete' or 'failed'"
-            )
+            raise not_allowed("status", status, "'complete' or 'failed'")
         self._status = status
         self._error = error
         self._finished_at = _utc_now()
@@ -416,18 +414,18 @@ class ResultsWriter:
 
 
 def _checked_round(
-    metrics: Mapping[str, Any], *, nullable: bool = False
+    metrics: Mapping[str, Any], *, nullable: bool = False, label: str = "metrics"
 ) -> dict[str, Any]:
     if not isinstance(metrics, Mapping):
-        raise TypeError(
-            f"round metrics of type {type(metrics).__name__} are not allowed: "
-            "expected a mapping"
-        )
+        raise not_allowed(label, metrics, "a mapping", TypeError)
     for key in REQUIRED_ROUND_KEYS:
         if key not in metrics:
-            raise ValueError(
-                f"round metrics without {key!r} are not allowed: expected the keys "
+            raise not_allowed(
+                f"{label} keys",
+                list(metrics),
+                "every one of "
                 + ", ".join(repr(required) for required in REQUIRED_ROUND_KEYS)
+                + f" ({key!r} is missing)",
             )
     round_number = metrics["round"]
     if (
@@ -435,19 +433,17 @@ def _checked_round(
         or not isinstance(round_number, numbers.Integral)
         or round_number < 1
     ):
-        raise TypeError(
-            f"round metric 'round' = {round_number!r} is not allowed: expected an "
-            "int >= 1"
-        )
+        raise not_allowed(f"{label}['round']", round_number, "an int >= 1", TypeError)
     for key in REQUIRED_ROUND_KEYS[1:]:
         value = metrics[key]
         if nullable and value is None:  # a non-finite number, as stored
             continue
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(
-                f"round metric {key!r} = {value!r} is not allowed: expected a number"
-            )
-    entry = {str(key): _jsonable(value, str(key)) for key, value in metrics.items()}
+            raise not_allowed(f"{label}[{key!r}]", value, "a number", TypeError)
+    entry = {
+        str(key): _jsonable(value, f"{label}[{key!r}]")
+        for key, value in metrics.items()
+    }
     entry["round"] = int(round_number)
     return entry
 
@@ -463,7 +459,8 @@ def _jsonable(value: Any, where: str) -> Any:
         return number if math.isfinite(number) else None
     if isinstance(value, Mapping):
         return {
-            str(key): _jsonable(item, f"{where}.{key}") for key, item in value.items()
+            str(key): _jsonable(item, f"{where}[{key!r}]")
+            for key, item in value.items()
         }
     if hasattr(value, "tolist"):  # numpy arrays and scalars, torch tensors
         return _jsonable(value.tolist(), where)
@@ -471,9 +468,11 @@ def _jsonable(value: Any, where: str) -> Any:
         value, (bytes, bytearray)
     ):
         return [_jsonable(item, where) for item in value]
-    raise TypeError(
-        f"{where} = {value!r} is not allowed: expected JSON data (numbers, strings, "
-        "booleans, None, lists, mappings)"
+    raise not_allowed(
+        where,
+        value,
+        "JSON data (numbers, strings, booleans, None, lists, mappings)",
+        TypeError,
     )
 
 

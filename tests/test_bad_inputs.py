@@ -182,7 +182,7 @@ def cases(tmp: Path) -> dict[str, Case]:
             lambda: WeightNoise("model", NoiseSpec(std=0.1)),  # type: ignore[arg-type]
             TypeError,
             "model=",
-            "str",
+            "'model'",
             "torch.nn.Module",
         ),
         "WeightNoise spec": Case(
@@ -203,7 +203,7 @@ def cases(tmp: Path) -> dict[str, Case]:
             lambda: WeightNoise(linear_model(), NoiseSpec(std=0.1)).attach("sgd"),  # type: ignore[arg-type]
             TypeError,
             "optimizer=",
-            "str",
+            "'sgd'",
             "torch.optim.Optimizer",
         ),
         # NoisyStrategy.
@@ -339,8 +339,8 @@ def cases(tmp: Path) -> dict[str, Case]:
         "ResultsWriter config": Case(
             lambda: ResultsWriter(tmp, "run", [("seed", 0)]),  # type: ignore[arg-type]
             TypeError,
-            "config",
-            "list",
+            "config=",
+            "[('seed', 0)]",
             "a mapping",
         ),
         "ResultsWriter resume_after": Case(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +158,10 @@ def test_resumed_writer_keeps_the_checkpointed_rounds_and_appends(
 def test_resuming_needs_every_round_up_to_the_checkpoint(tmp_path: Path) -> None:
     with ResultsWriter(tmp_path, "run", {}, plot=False) as results:
         results.add_round(entry(1))
-    with pytest.raises(ValueError, match=r"rounds \[1\] are not allowed"):
+    message = (
+        "results.json rounds of run 'run'=[1] is not allowed: expected rounds 1 to 2"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
         ResultsWriter(tmp_path, "run", {}, resume_after=2)
     with pytest.raises(FileNotFoundError):
         ResultsWriter(tmp_path, "other", {}, resume_after=0)

@@ -177,7 +177,7 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
         lambda f: write_results(
             f, lambda r: json.dumps({**r, "rounds": r["rounds"][:1]})
         ),
-        "rounds [1] are not allowed",
+        "results.json rounds of run 'earlier'=[1] is not allowed: expected rounds 1",
     ),
     "a results.json that is not JSON": (
         lambda f: (f / "results.json").write_text('{"rounds": ['),
