@@ -35,10 +35,14 @@ def not_allowed(
     Returns
     -------
     Exception
-        The error, to ``raise``.
+        The error, to ``raise``; its message is one line, also for a value
+        whose ``repr`` spans several (numpy arrays, tensors, modules).
 
     """
-    return error(f"{label}={value!r} is not allowed: expected {expected}")
+    shown = repr(value)
+    if "\n" in shown:
+        shown = " ".join(line.strip() for line in shown.splitlines())
+    return error(f"{label}={shown} is not allowed: expected {expected}")
 
 
 def allowed_choices(options: Sequence[str]) -> str:

@@ -273,10 +273,12 @@ def _encode(value: Any, arrays: list[np.ndarray]) -> Any:
     if isinstance(value, (list, tuple)):
         items = [_encode(item, arrays) for item in value]
         return {"tuple" if isinstance(value, tuple) else "list": items}
-    raise TypeError(
-        f"checkpoint value of type {type(value).__name__} is not allowed: expected "
+    raise not_allowed(
+        "checkpoint value",
+        value,
         "numbers, strings, None, ndarrays, ArrayRecords, and lists, tuples or "
-        "dicts of them"
+        "dicts of them",
+        TypeError,
     )
 
 
@@ -376,7 +378,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             entries = {name: stored[name] for name in stored.files}
         meta = json.loads(entries.pop(_META_KEY).tobytes().decode("utf-8"))
         if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}")
+            raise not_allowed("format", meta.get("format"), repr(CHECKPOINT_FORMAT))
         arrays = {
             int(name.removeprefix(_ARRAY_PREFIX)): array
             for name, array in entries.items()
@@ -392,8 +394,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except FileNotFoundError:
         raise
     except Exception as error:  # any damage means: not a checkpoint
-        raise ValueError(
-            f"checkpoint file {str(file)!r} is not allowed: expected a "
-            f"{CHECKPOINT_FILE} of format {CHECKPOINT_FORMAT} written by flwr-noise, "
-            f"but it could not be read ({type(error).__name__}: {error})"
+        raise not_allowed(
+            "checkpoint file",
+            str(file),
+            f"a {CHECKPOINT_FILE} of format {CHECKPOINT_FORMAT} written by "
+            f"flwr-noise, but it could not be read ({type(error).__name__}: {error})",
         ) from error

@@ -1,4 +1,5 @@
 import gzip
+import re
 import shutil
 from pathlib import Path
 
@@ -182,7 +183,11 @@ def test_missing_files_are_named(tmp_path, files, missing):
 def test_corrupt_idx_file_is_a_clear_error(tmp_path):
     (tmp_path / "t10k-images-idx3-ubyte").write_bytes(b"not an idx file at all")
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"nor this")
-    with pytest.raises(ValueError, match="not a valid IDX image file"):
+    with pytest.raises(
+        ValueError,
+        match=r"^MNIST file='[^']*t10k-images-idx3-ubyte' is not allowed: "
+        r"expected a valid IDX image file \(",
+    ):
         load_dataset("mnist", str(tmp_path))
 
 
@@ -278,8 +283,15 @@ def test_bad_partition_arguments(args, kwargs, error, match):
 
 
 def test_float_labels_are_rejected():
-    with pytest.raises(ValueError, match="integer class labels"):
+    message = (
+        "labels.dtype=dtype('float64') is not allowed: expected an integer dtype "
+        "(class labels)"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
         partition_indices(LABELS.astype(float), 2, 0)
+    message = "labels.shape=(2, 250) is not allowed: expected (n,): one class label"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        partition_indices(LABELS.reshape(2, -1), 2, 0)
 
 
 def test_client_data_selects_matching_inputs_and_labels():

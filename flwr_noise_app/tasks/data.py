@@ -363,19 +363,22 @@ def _read_idx_pair(
         images = _read_idx(images_path, Path(scratch), read_image_file, "image")
         labels = _read_idx(labels_path, Path(scratch), read_label_file, "label")
     if images.shape[1:] != (_MNIST_SIDE, _MNIST_SIDE):
-        raise ValueError(
-            f"MNIST file {str(images_path)!r} holds images of shape "
-            f"{tuple(images.shape[1:])}: expected 28x28"
+        raise not_allowed(
+            f"image shape in MNIST file {str(images_path)!r}",
+            tuple(images.shape[1:]),
+            f"({_MNIST_SIDE}, {_MNIST_SIDE})",
         )
     if len(images) != len(labels):
-        raise ValueError(
-            f"MNIST files {str(images_path)!r} and {str(labels_path)!r} do not "
-            f"match: {len(images)} images but {len(labels)} labels"
+        raise not_allowed(
+            f"number of labels in MNIST file {str(labels_path)!r}",
+            len(labels),
+            f"{len(images)}, the number of images in {str(images_path)!r}",
         )
     if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) <= 9:
-        raise ValueError(
-            f"MNIST file {str(labels_path)!r} has labels outside 0-9: expected "
-            "digit labels"
+        raise not_allowed(
+            f"label range in MNIST file {str(labels_path)!r}",
+            (int(labels.min()), int(labels.max())),
+            "digit labels within 0-9",
         )
     return images, labels
 
@@ -391,8 +394,8 @@ def _read_idx(path: Path, scratch: Path, reader: Any, kind: str) -> torch.Tensor
             path_to_read = path
         return reader(str(path_to_read))
     except (AssertionError, TypeError, ValueError, RuntimeError, OSError) as error:
-        raise ValueError(
-            f"MNIST file {str(path)!r} is not a valid IDX {kind} file: {error}"
+        raise not_allowed(
+            "MNIST file", str(path), f"a valid IDX {kind} file ({error})"
         ) from error
 
 
@@ -546,9 +549,11 @@ def _all_partitions(
             for partition in range(num_partitions)
         )
     except ValueError as error:
-        raise ValueError(
-            f"dirichlet partitioning of {size} samples into {num_partitions} "
-            f"partitions with alpha={alpha} failed: {error}"
+        raise not_allowed(
+            "alpha",
+            alpha,
+            f"an alpha with which Flower Datasets' DirichletPartitioner splits "
+            f"{size} samples into {num_partitions} partitions ({error})",
         ) from error
     for partition in partitions:
         partition.flags.writeable = False
@@ -559,12 +564,13 @@ def _label_array(labels: np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(labels, torch.Tensor):
         labels = labels.detach().cpu().numpy()
     array = np.asarray(labels)
-    if array.ndim != 1 or not (
+    if array.ndim != 1:
+        raise not_allowed("labels.shape", array.shape, "(n,): one class label a sample")
+    if not (
         np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.bool_)
     ):
-        raise ValueError(
-            f"labels of shape {array.shape} and dtype {array.dtype} are not "
-            "allowed: expected a 1-D array of integer class labels"
+        raise not_allowed(
+            "labels.dtype", array.dtype, "an integer dtype (class labels)"
         )
     return np.ascontiguousarray(array, dtype=np.int64)
 
