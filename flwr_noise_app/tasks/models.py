@@ -7,6 +7,8 @@ import operator
 import torch
 from torch import nn
 
+from flwr_noise.validation import allowed_choices, not_allowed
+
 MODELS: tuple[str, ...] = ("linear", "mlp", "cnn", "deep-tanh")
 
 # The deep tanh MLP: many narrow tanh layers, no normalization, torch's default
@@ -61,8 +63,7 @@ def build_model(
 
     """
     if name not in MODELS:
-        allowed = ", ".join(repr(model) for model in MODELS)
-        raise ValueError(f"model {name!r} is not allowed: expected one of {allowed}")
+        raise not_allowed("model", name, allowed_choices(MODELS))
     shape = _checked_shape(input_shape, num_classes)
     if seed is None:
         return _BUILDERS[name](shape, num_classes)
@@ -84,18 +85,17 @@ def _checked_shape(
     except TypeError:
         shape = ()
     if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(
-            f"input_shape {input_shape!r} is not allowed: expected three positive "
-            "ints (channels, height, width)"
+        raise not_allowed(
+            "input_shape",
+            input_shape,
+            "three positive ints (channels, height, width)",
         )
     if (
         isinstance(num_classes, bool)
         or not isinstance(num_classes, int)
         or (num_classes < 1)
     ):
-        raise ValueError(
-            f"num_classes {num_classes!r} is not allowed: expected a positive int"
-        )
+        raise not_allowed("num_classes", num_classes, "a positive int")
     return shape  # type: ignore[return-value]
 
 
@@ -127,9 +127,10 @@ def _build_cnn(input_shape: tuple[int, int, int], num_classes: int) -> nn.Module
     pooled_width = (width - shrink) // _CNN_POOL_SIZE
     if pooled_height < 1 or pooled_width < 1:
         minimum = shrink + _CNN_POOL_SIZE
-        raise ValueError(
-            f"input_shape {input_shape!r} is too small for model 'cnn': height "
-            f"and width must be at least {minimum}"
+        raise not_allowed(
+            "input_shape",
+            input_shape,
+            f"height and width >= {minimum} for model 'cnn'",
         )
     first, second = _CNN_CONV_CHANNELS
     return nn.Sequential(
