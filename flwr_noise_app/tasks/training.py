@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flwr_noise.validation import check_integer, check_real
+from flwr_noise.validation import check_integer, check_real, not_allowed
 
 
 def get_device() -> torch.device:
@@ -97,11 +97,7 @@ def train_steps(
     _check_positive_int("steps", steps)
     check_real("sam_rho", sam_rho, low=0.0)
     _check_positive_int("batch_size", batch_size)
-    if len(x) != len(y) or len(x) == 0:
-        raise ValueError(
-            f"training data of {len(x)} inputs and {len(y)} labels is not "
-            "allowed: expected the same, non-zero number of each"
-        )
+    _check_data(x, y)
     optimizer = _resolve_optimizer(model, learning_rate, optimizer)
 
     model.train()
@@ -209,11 +205,7 @@ def evaluate(
 
     """
     _check_positive_int("batch_size", batch_size)
-    if len(x) != len(y) or len(x) == 0:
-        raise ValueError(
-            f"evaluation data of {len(x)} inputs and {len(y)} labels is not "
-            "allowed: expected the same, non-zero number of each"
-        )
+    _check_data(x, y)
     was_training = model.training
     model.eval()
     try:
@@ -236,18 +228,17 @@ def _resolve_optimizer(
 ) -> torch.optim.Optimizer:
     if optimizer is None:
         if learning_rate is None:
-            raise ValueError(
-                "learning_rate None is not allowed without an optimizer: pass a "
-                "learning rate or an optimizer"
+            raise not_allowed(
+                "learning_rate", None, "a learning rate when no optimizer is passed"
             )
         return make_optimizer(model, learning_rate)
     if learning_rate is not None:
         rates = {group["lr"] for group in optimizer.param_groups}
         if rates != {learning_rate}:
-            raise ValueError(
-                f"learning_rate {learning_rate!r} is not allowed with this "
-                f"optimizer, whose learning rate is {sorted(rates)}: pass None or "
-                "the optimizer's learning rate"
+            raise not_allowed(
+                "learning_rate",
+                learning_rate,
+                f"None or the optimizer's learning rate {sorted(rates)}",
             )
     return optimizer
 
@@ -258,3 +249,11 @@ def _check_learning_rate(learning_rate: float) -> None:
 
 def _check_positive_int(name: str, value: int) -> None:
     check_integer(name, value, low=1)
+
+
+def _check_data(x: torch.Tensor, y: torch.Tensor) -> None:
+    """Refuse empty data and inputs without one label each."""
+    if len(x) == 0:
+        raise not_allowed("len(x)", 0, "at least one input")
+    if len(y) != len(x):
+        raise not_allowed("len(y)", len(y), f"len(x) = {len(x)}: one label an input")
