@@ -276,7 +276,7 @@ def cases(tmp: Path) -> dict[str, Case]:
             ValueError,  # DataNotFoundError is a ValueError and a FileNotFoundError
             "data-dir",
             "no-such-folder",
-            "expected a folder with the MNIST IDX files",
+            "expected an existing folder with the MNIST IDX files",
         ),
         "partition_indices num_partitions": Case(
             lambda: partition_indices(LABELS, 0, 0),
