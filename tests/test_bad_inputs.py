@@ -385,7 +385,8 @@ def test_bad_input_gets_one_clear_error(case_id: str, tmp_path: Path) -> None:
         case.call()
     message = str(raised.value)
     assert "\n" not in message, message
-    assert "not allowed" in message or "expected" in message, message
+    assert " is not allowed: expected " in message, message
+    assert message.find(case.name) < message.find(" is not allowed: "), message
     for fragment in (case.name, case.value, case.allowed):
         assert fragment in message, (fragment, message)
 
