@@ -108,8 +108,21 @@ def test_missing_and_damaged_checkpoints_are_told_apart(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path)
     (tmp_path / CHECKPOINT_FILE).write_bytes(b"PK\x03\x04 not really")
-    with pytest.raises(ValueError, match="is not allowed: expected a checkpoint.npz"):
+    message = (
+        f"checkpoint file={str(tmp_path / CHECKPOINT_FILE)!r} is not allowed: "
+        f"expected a {CHECKPOINT_FILE} of format 1 written by flwr-noise"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
         load_checkpoint(tmp_path)
+
+
+def test_a_value_it_cannot_store_is_named(tmp_path: Path) -> None:
+    state = {"strategy": {"step": 1j}}
+    checkpoint = Checkpoint(server_round=1, arrays=model_arrays(), rng_state=state)
+    with pytest.raises(
+        TypeError, match=re.escape("checkpoint value=1j is not allowed")
+    ):
+        save_checkpoint(tmp_path, checkpoint)
 
 
 # -- ResultsWriter(resume_after=...) --------------------------------------------

@@ -323,3 +323,34 @@ def test_record_without_correlation_means_independent() -> None:
     assert NoiseSpec.from_config(config, "noise.local.") == NoiseSpec(std=0.1, seed=1)
     anti = NoiseSpec(std=0.1, correlation="anticorrelated")
     assert NoiseSpec.from_config(anti.to_config()) == anti
+
+
+def test_check_field_uses_the_callers_label() -> None:
+    assert NoiseSpec.check_field("include", "--include", "conv") == ("conv",)
+    with pytest.raises(ValueError) as caught:
+        NoiseSpec.check_field("std", "--sigma", -1)
+    assert str(caught.value) == (
+        "--sigma=-1 is not allowed: expected a finite number in [0, 1e+06]"
+    )
+    with pytest.raises(TypeError, match=re.escape("--mode=3 is not allowed")):
+        NoiseSpec.check_field("mode", "--mode", 3)
+    with pytest.raises(ValueError, match=re.escape("NoiseSpec field='sigma' is not")):
+        NoiseSpec.check_field("sigma", "--sigma", 0.1)
+
+
+def test_from_fields_names_fields_and_combinations_by_label() -> None:
+    def label(name: str) -> str:
+        return f"--{name}"
+
+    spec = NoiseSpec.from_fields({"std": 0.5, "include": "conv"}, label)
+    assert spec == NoiseSpec(std=0.5, include=("conv",))
+    with pytest.raises(ValueError) as caught:
+        NoiseSpec.from_fields({"std": 0.1, "decay": 2}, label)
+    assert str(caught.value).startswith("--decay=2 is not allowed: expected ")
+    with pytest.raises(ValueError) as caught:
+        NoiseSpec.from_fields({"relative": True, "mode": "multiplicative"}, label)
+    assert str(caught.value).startswith(
+        "--relative=True is not allowed: expected False with mode='multiplicative'"
+    )
+    # A field left out takes its default, also in the combination check.
+    assert NoiseSpec.from_fields({"relative": True}, label).mode == "additive"
