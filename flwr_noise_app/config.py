@@ -33,10 +33,10 @@ from typing import Any
 from flwr_noise.spec import NoiseSpec
 from flwr_noise.validation import (
     allowed_choices,
-    check_choice,
     check_integer,
     check_patterns,
     check_real,
+    choice_checker,
     is_real,
     not_allowed,
 )
@@ -105,13 +105,6 @@ def _real(
 ) -> Callable[[str, Any], float]:
     def parse(label: str, value: Any) -> float:
         return check_real(label, value, low=above, high=at_most, low_open=True)
-
-    return parse
-
-
-def _choice(options: tuple[str, ...]) -> Callable[[str, Any], str]:
-    def parse(label: str, value: Any) -> str:
-        return check_choice(label, value, options)
 
     return parse
 
@@ -302,8 +295,8 @@ class AppConfig:
     local_steps: int = _key(20, _integer(1))
     batch_size: int = _key(16, _integer(1))
     learning_rate: float = _key(0.05, _real(above=0.0))
-    model: str = _key("mlp", _choice(MODELS))
-    dataset: str = _key("digits", _choice(DATASETS))
+    model: str = _key("mlp", choice_checker(MODELS))
+    dataset: str = _key("digits", choice_checker(DATASETS))
     data_dir: str = _key("", _text())
     seed: int = _key(0, _seed)
     local_noise_std: float = _key(0.01, _spec_field("std"))
@@ -323,7 +316,7 @@ class AppConfig:
     noise_exclude: tuple[str, ...] = _key(
         (), _spec_field("exclude"), _patterns_to_run_config
     )
-    partitioning: str = _key("iid", _choice(PARTITION_SCHEMES))
+    partitioning: str = _key("iid", choice_checker(PARTITION_SCHEMES))
     dirichlet_alpha: float = _key(0.5, _real(above=0.0))
     fraction_train: float = _key(1.0, _real(above=0.0, at_most=1.0))
     num_partitions: int = _key(0, _integer(0))
