@@ -550,10 +550,10 @@ def _evaluated_rounds(config: ExperimentConfig) -> set[int]:
 
 
 @contextmanager
-def _quiet_flower() -> Iterator[None]:
-    """Keep Flower's per-round INFO lines out of the runner's output."""
+def _quiet_flower(threshold: int = logging.WARNING) -> Iterator[None]:
+    """Keep Flower's log lines below ``threshold`` out of the runner's output."""
     level = FLOWER_LOGGER.level
-    FLOWER_LOGGER.setLevel(max(level, logging.WARNING))
+    FLOWER_LOGGER.setLevel(max(level, threshold))
     try:
         yield
     finally:
@@ -658,14 +658,17 @@ class _Learners:
 def _strategy(config: ExperimentConfig, spec: NoiseSpec) -> NoisyStrategy:
     """NoisyStrategy(FedAvg) with every learner in every round, as in the App."""
     server_spec = spec if config.noise_enabled else None
-    return NoisyStrategy(
-        FedAvg(
+    # Without its warning that fraction_evaluate=0 skips federated evaluation.
+    with _quiet_flower(logging.ERROR):
+        fedavg = FedAvg(
             fraction_train=1.0,
             fraction_evaluate=0.0,
             min_train_nodes=config.learners,
             min_available_nodes=config.learners,
             weighted_by_key=NUM_EXAMPLES,
-        ),
+        )
+    return NoisyStrategy(
+        fedavg,
         broadcast=server_spec if config.placement == "received" else None,
         aggregation=server_spec if config.placement == "aggregation" else None,
         client_key_fn=_Learners.learner_of,
