@@ -1,17 +1,15 @@
 """Test doubles for Flower's Message API: a fake Grid and message helpers.
 
-``FakeGrid`` implements ``flwr.serverapp.Grid`` in memory: a fixed set of node
-ids and, optionally, a ``reply_fn`` that plays the ClientApps, so that
-``Strategy.start`` can run a whole federation in-process without Flower's
-runtime.
+``FakeGrid`` is the App's in-memory Grid (``flwr_noise_app.grid``, which
+imports nothing but Flower): a fixed set of node ids and, optionally, a
+``reply_fn`` that plays the ClientApps, so that ``Strategy.start`` can run a
+whole federation in-process without Flower's runtime.
 """
 
 from __future__ import annotations
 
-import copy
 import io
-from collections.abc import Callable, Iterable, Mapping
-from uuid import uuid4
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 from flwr.app import (
@@ -25,105 +23,23 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
+
+from flwr_noise_app.grid import RUN_ID, FunctionGrid, ReplyFn, set_serverapp_identity
 
 DEFAULT_NODE_IDS = (1001, 1002, 1003, 1004)
-RUN_ID = 1
-# A ClientApp's answer: a reply, several (a misbehaving node), or none.
-ReplyFn = Callable[[Message], "Message | list[Message] | None"]
 
 
-def set_serverapp_identity() -> None:
-    """Give this process the identity of a ServerApp task, as Flower's runtime does.
-
-    ``Message(...)`` reads the run, node and task ids from it; without a
-    runtime they are unset and creating a message raises.
-    """
-    TaskIdentity.task_id = 1
-    TaskIdentity.run_id = RUN_ID
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
-
-
-class FakeGrid(Grid):
-    """In-memory Grid: fixed node ids, replies produced by ``reply_fn``.
-
-    Parameters
-    ----------
-    node_ids : Iterable[int]
-        The connected nodes.
-    reply_fn : Callable[[Message], Message | list[Message] | None] | None
-        Called with a deep copy of every pushed message (as a ClientApp would
-        receive it); returns its reply, a list of replies (all are pulled) or
-        ``None`` (no reply). Without it ``send_and_receive`` returns no
-        replies. Pushed messages are kept in ``pushed``.
-    """
+class FakeGrid(FunctionGrid):
+    """The App's in-memory ``FunctionGrid``, with ``DEFAULT_NODE_IDS`` unless given."""
 
     def __init__(
         self,
         node_ids: Iterable[int] = DEFAULT_NODE_IDS,
         reply_fn: ReplyFn | None = None,
     ) -> None:
-        self.node_ids = list(node_ids)
-        self.reply_fn = reply_fn
-        self.pushed: list[Message] = []
-        self._replies: dict[str, list[Message]] = {}
-        self._run = Run.create_empty(run_id=RUN_ID)
-        set_serverapp_identity()
-
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.node_ids)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        message_ids = []
-        for message in messages:
-            message_id = str(uuid4())
-            # As Flower's own Grids do: the message id is set on push.
-            message.metadata.__dict__["_message_id"] = message_id
-            self.pushed.append(message)
-            if self.reply_fn is not None:
-                # A ClientApp gets its own copy off the wire, never the object
-                # the strategy built (FedAvg shares one RecordDict among all).
-                answer = self.reply_fn(copy.deepcopy(message))
-                if answer is not None:
-                    self._replies[message_id] = (
-                        answer if isinstance(answer, list) else [answer]
-                    )
-            message_ids.append(message_id)
-        return message_ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [
-            reply
-            for message_id in message_ids
-            for reply in self._replies.pop(message_id, [])
-        ]
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        return self.pull_messages(self.push_messages(messages))
+        super().__init__(node_ids, reply_fn)
 
 
 def random_arrays(

@@ -20,10 +20,10 @@ from flwr_noise_app.reproduce import (
     run_experiment,
     run_serial_baseline,
     run_sweep,
-    weighted_average,
     write_report,
 )
 from flwr_noise_app.reproduce.cli import main
+from flwr_noise_app.tasks.models import build_model
 
 
 @pytest.fixture(autouse=True)
@@ -152,26 +152,14 @@ def test_same_seed_gives_identical_summary() -> None:
     assert json.dumps(run_sweep(replace(grid, seeds=(4,)))) != first
 
 
-def test_average_matches_flower_fedavg_bit_for_bit() -> None:
-    from flwr.app import ArrayRecord, MetricRecord, RecordDict
-    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-
-    generator = np.random.default_rng(0)
-    states = [{"w": generator.normal(size=(7, 3)).astype(np.float32)} for _ in range(3)]
-    sizes = [120, 121, 37]
-    records = [
-        RecordDict(
-            {
-                "arrays": ArrayRecord({"w": torch.from_numpy(state["w"])}),
-                "metrics": MetricRecord({"num-examples": size}),
-            }
-        )
-        for state, size in zip(states, sizes, strict=True)
-    ]
-    expected = aggregate_arrayrecords(records, "num-examples")["w"].numpy()
-    ours = weighted_average(states, sizes)["w"]
-    assert ours.dtype == expected.dtype
-    assert np.array_equal(ours, expected)
+def test_a_round_without_finite_replies_keeps_the_previous_model() -> None:
+    """The server is NoisyStrategy: it drops non-finite models, skips the round."""
+    config = replace(TINY, rounds=2, learning_rate=1e30, record_rounds=True)
+    result = run_experiment(config, 0)
+    initial = build_model(config.model, (1, 8, 8), 10, seed=0).state_dict()
+    assert_same_weights(result.averaged_state, initial)
+    assert [record.round for record in result.rounds] == [1, 2]
+    assert result.final.averaged_accuracy == result.rounds[0].averaged_accuracy
 
 
 def test_record_rounds_gives_one_record_per_round() -> None:
@@ -264,12 +252,14 @@ def test_cli_writes_summary_and_plots(
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (["--learners", "0"], "argument --learners: '0' is not allowed"),
-        (["--noise-std", "-0.1"], "argument --noise-std: '-0.1' is not allowed"),
+        (["--learners", "0"], "--learners=0 is not allowed: expected an int >= 1"),
+        (["--noise-std", "-0.1"], "--noise-std=-0.1 is not allowed"),
+        (["--threads", "0"], "--threads=0 is not allowed: expected an int >= 1"),
         (["--placement", "server"], "argument --placement: invalid choice"),
         (
             ["--total-local-steps", "10", "--local-steps", "3"],
-            "--local-steps=3 is not allowed with --total-local-steps=10",
+            "--local-steps=3 is not allowed: expected a divisor of "
+            "--total-local-steps=10",
         ),
         (["--images-per-learner", "5000"], "--images-per-learner=5000"),
         (["--rounds", "2", "--total-local-steps", "4"], "not allowed with"),

@@ -1,4 +1,4 @@
-"""In-process reproduction of Adilova, Paul, Schlicht (2018), without Flower.
+"""In-process reproduction of Adilova, Paul, Schlicht (2018), without Flower's runtime.
 
 ``python -m flwr_noise_app.reproduce --help`` runs sweeps from the command line;
 ``run_experiment`` and ``run_serial_baseline`` run one configuration and seed;
@@ -17,7 +17,6 @@ from flwr_noise_app.reproduce.runner import (
     load_learner_data,
     run_experiment,
     run_serial_baseline,
-    weighted_average,
 )
 from flwr_noise_app.reproduce.sweep import SweepGrid, SweepRunner, run_sweep
 
@@ -36,6 +35,5 @@ __all__ = [
     "run_experiment",
     "run_serial_baseline",
     "run_sweep",
-    "weighted_average",
     "write_report",
 ]

@@ -11,21 +11,15 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from flwr_noise import validation
 from flwr_noise.spec import DISTRIBUTIONS, SCHEDULES
 from flwr_noise_app.reproduce.report import SUMMARY_JSON, write_report
-from flwr_noise_app.reproduce.runner import (
-    CORRELATIONS,
-    INDEPENDENT,
-    PLACEMENTS,
-    check_float,
-    check_int,
-)
+from flwr_noise_app.reproduce.runner import CORRELATIONS, INDEPENDENT, PLACEMENTS
 from flwr_noise_app.reproduce.sweep import SweepGrid, SweepRunner, merge_summaries
 from flwr_noise_app.tasks.data import DATASETS, PARTITION_SCHEMES
 from flwr_noise_app.tasks.models import MODELS
@@ -61,45 +55,13 @@ FLAGS: dict[str, str] = {
     "sam_rhos": "--sam-rho",
     "sam_rho": "--sam-rho",
     "accuracy_levels": "--accuracy-levels",
+    "threads": "--threads",
 }
 
 
-def _cli_type(
-    parse: Callable[[str], Any], check: Callable[[Any], Any], expected: str
-) -> Callable[[str], Any]:
-    def convert(text: str) -> Any:
-        try:
-            return check(parse(text))
-        except (TypeError, ValueError):
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not allowed: expected {expected}"
-            ) from None
-
-    convert.__name__ = expected
-    return convert
-
-
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    return _cli_type(
-        int, lambda value: check_int("value", value, minimum), f"an int >= {minimum}"
-    )
-
-
-def _float(*, positive: bool) -> Callable[[str], float]:
-    expected = "a finite number > 0" if positive else "a finite number >= 0"
-    return _cli_type(
-        float, lambda value: check_float("value", value, positive=positive), expected
-    )
-
-
-def _images(text: str) -> int | None:
-    if text == ALL_IMAGES:
-        return None
-    return _cli_type(
-        int,
-        lambda value: check_int("value", value, 1),
-        f"an int >= 1 or {ALL_IMAGES!r}",
-    )(text)
+def _int_or_all(text: str) -> int | None:
+    """Parse ``--images-per-learner``: an int, or ``"all"`` (``None``)."""
+    return None if text == ALL_IMAGES else int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,28 +80,26 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dataset", choices=DATASETS, default="digits", help="dataset")
     add("--data-dir", default="", help="folder of MNIST IDX files")
     add("--model", nargs="+", choices=MODELS, default=["mlp"], help="models")
-    add("--learners", nargs="+", type=_int_at_least(1), default=[4], help="m")
+    add("--learners", nargs="+", type=int, default=[4], help="m")
     add(
         "--images-per-learner",
         nargs="+",
-        type=_images,
+        type=_int_or_all,
         default=[None],
         help=f"training images per learner, or {ALL_IMAGES!r} (whole partition)",
     )
     add(
         "--local-steps",
         nargs="+",
-        type=_int_at_least(1),
+        type=int,
         default=[10],
         help="b: local SGD steps between two averagings",
     )
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument(
-        "--rounds", type=_int_at_least(1), default=None, help="averagings (10)"
-    )
+    budget.add_argument("--rounds", type=int, default=None, help="averagings (10)")
     budget.add_argument(
         "--total-local-steps",
-        type=_int_at_least(1),
+        type=int,
         default=None,
         help="local steps per learner in all; rounds = this / b (same samples "
         "for every b)",
@@ -147,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--noise-std",
         nargs="*",
-        type=_float(positive=False),
+        type=float,
         default=[0.0, 0.001, 0.003, 0.01, 0.03],
         help="noise standard deviations (0: no noise); none at all: SAM rows only",
     )
@@ -163,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--relative-noise-std",
         nargs="+",
-        type=_float(positive=False),
+        type=float,
         default=None,
         help="std levels of the relative runs, as fractions of each tensor's "
         "RMS (default: the --noise-std levels)",
@@ -187,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--sam-rho",
         nargs="+",
-        type=_float(positive=True),
+        type=float,
         default=[],
         help="add one noise-free SAM row per radius rho (FedSAM-style local "
         "steps: the gradient taken at w + rho g/||g||)",
@@ -195,16 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--accuracy-levels",
         nargs="+",
-        type=_float(positive=False),
+        type=float,
         default=[0.5, 0.8, 0.9],
         help="accuracy levels of the rounds-to-reach table (with --record-rounds)",
     )
     add("--distribution", choices=DISTRIBUTIONS, default="gaussian")
     add("--partitioning", nargs="+", choices=PARTITION_SCHEMES, default=["iid"])
-    add("--dirichlet-alpha", type=_float(positive=True), default=0.5)
-    add("--batch-size", nargs="+", type=_int_at_least(1), default=[16], help="B")
-    add("--lr", nargs="+", type=_float(positive=True), default=[0.05])
-    add("--seeds", nargs="+", type=_int_at_least(0), default=[0])
+    add("--dirichlet-alpha", type=float, default=0.5)
+    add("--batch-size", nargs="+", type=int, default=[16], help="B")
+    add("--lr", nargs="+", type=float, default=[0.05])
+    add("--seeds", nargs="+", type=int, default=[0])
     add(
         "--record-rounds",
         action="store_true",
@@ -216,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the serial baselines (e.g. in all but one process of a "
         "sweep split over processes; --merge joins them)",
     )
-    add("--threads", type=_int_at_least(1), default=None, help="torch CPU threads")
+    add("--threads", type=int, default=None, help="torch CPU threads")
     add("--no-plots", action="store_true", help="skip the PNG plots")
     add("--quiet", action="store_true", help="no progress lines")
     add(
@@ -306,10 +266,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         ):
             print(f"wrote {path}")
         return 0
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     progress = None if args.quiet else lambda line: print(line, flush=True)
     try:
+        if args.threads is not None:
+            torch.set_num_threads(
+                validation.check_integer("threads", args.threads, low=1)
+            )
         grid = grid_from_args(args)
         runner = SweepRunner(grid, progress=progress)
         runner.check_data()

@@ -3,7 +3,8 @@
 Each of ``learners`` learners trains its own copy of the model with mini-batch
 SGD on its own partition; every ``local_steps`` (b) steps all local models are
 replaced by their average. This is FedAvg with every client in every round, so
-the runner mirrors the bundled Flower App step for step, with the same seeds:
+the runner runs the bundled Flower App's strategy, and trains its learners as
+the App's ClientApp does, with the same seeds:
 
 - data: ``load_dataset(dataset, data_dir, split_seed=seed)`` and
   ``client_data(..., partition_id=k, seed=seed)``;
@@ -18,9 +19,11 @@ the runner mirrors the bundled Flower App step for step, with the same seeds:
   gradient taken at ``w + rho g / ||g||`` (``tasks.training.sam_gradient``);
 - the local models' accuracy is measured right after local training, before
   averaging, on the held-out test set;
-- the average is FedAvg's (weighted by the number of local examples, in
-  partition order, accumulated in float32 like Flower's
-  ``aggregate_arrayrecords``).
+- the server is the App's: Flower's ``FedAvg`` wrapped in
+  ``flwr_noise.NoisyStrategy``, which adds the received (broadcast) and the
+  aggregation noise, run by Flower's ``Strategy.start`` on an in-memory
+  ``FunctionGrid`` whose nodes are the learners (node k + 1 is learner k,
+  whose client key is k).
 
 Besides the federated run it trains the two serial baselines of the paper:
 one model with SGD over the union of the learners' data for ``learners * b *
@@ -30,22 +33,27 @@ rounds`` steps of batch B (the same number of samples), and one with batch
 
 from __future__ import annotations
 
+import logging
 import math
-import numbers
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import FLOWER_LOGGER
+from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
 from flwr_noise import validation
 from flwr_noise.hook import WeightNoise
-from flwr_noise.sampling import perturb_arrays
-from flwr_noise.seeding import AGGREGATE_CLIENT, numpy_generator, torch_generator
+from flwr_noise.seeding import torch_generator
 from flwr_noise.spec import DISTRIBUTIONS, SCHEDULES, NoiseSpec
+from flwr_noise.strategy import NoisyStrategy
+from flwr_noise_app.grid import FunctionGrid
 from flwr_noise_app.tasks.data import (
     DATASETS,
     PARTITION_SCHEMES,
@@ -65,12 +73,8 @@ PLACEMENTS: tuple[str, ...] = ("local", "received", "aggregation")
 NO_NOISE = "none"
 # Seeding purpose of the mini-batch order (shared with the ClientApp).
 DATA_PURPOSE = "data"
-# Seeding purpose of each placement's noise stream.
-PLACEMENT_PURPOSES: dict[str, str] = {
-    "local": "local",
-    "received": "broadcast",
-    "aggregation": "aggregation",
-}
+# The metric FedAvg weighs the learners' models by.
+NUM_EXAMPLES = "num-examples"
 # Client keys of the serial baselines' mini-batch streams (no learner has them).
 SERIAL_CLIENT = "serial"
 SERIAL_LARGE_BATCH_CLIENT = "serial-large-batch"
@@ -78,68 +82,6 @@ SERIAL_LARGE_BATCH_CLIENT = "serial-large-batch"
 # or "anticorrelated" (Anti-PGD: the previous draw is removed before the next).
 INDEPENDENT = "independent"
 CORRELATIONS: tuple[str, ...] = (INDEPENDENT, "anticorrelated")
-
-
-def _allowed(options: Sequence[str]) -> str:
-    return "one of " + ", ".join(repr(option) for option in options)
-
-
-def check_int(label: str, value: Any, minimum: int) -> int:
-    """Return ``value`` if it is an int ``>= minimum``, else raise naming ``label``.
-
-    Raises
-    ------
-    TypeError
-        If ``value`` is not an int (``bool`` is not).
-    ValueError
-        If ``value < minimum``.
-
-    """
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise TypeError(
-            f"{label}={value!r} is not allowed: expected an int >= {minimum}"
-        )
-    if value < minimum:
-        raise ValueError(
-            f"{label}={value!r} is not allowed: expected an int >= {minimum}"
-        )
-    return int(value)
-
-
-def check_float(label: str, value: Any, *, positive: bool) -> float:
-    """Return ``value`` as a float if finite and ``> 0`` (or ``>= 0``).
-
-    Raises
-    ------
-    TypeError
-        If ``value`` is not a real number (``bool`` is not).
-    ValueError
-        If ``value`` is not finite or out of range.
-
-    """
-    expected = "a finite number > 0" if positive else "a finite number >= 0"
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{label}={value!r} is not allowed: expected {expected}")
-    number = float(value)
-    if not math.isfinite(number) or number < 0 or (positive and number == 0):
-        raise ValueError(f"{label}={value!r} is not allowed: expected {expected}")
-    return number
-
-
-def check_choice(label: str, value: Any, options: Sequence[str]) -> str:
-    """Return ``value`` if it is one of ``options``, else raise naming ``label``.
-
-    Raises
-    ------
-    ValueError
-        If ``value`` is not one of ``options``.
-
-    """
-    if not isinstance(value, str) or value not in options:
-        raise ValueError(
-            f"{label}={value!r} is not allowed: expected {_allowed(options)}"
-        )
-    return value
 
 
 @dataclass(frozen=True)
@@ -223,46 +165,39 @@ class ExperimentConfig:
     sam_rho: float = 0.0
 
     def __post_init__(self) -> None:
-        check_choice("dataset", self.dataset, DATASETS)
+        validation.check_choice("dataset", self.dataset, DATASETS)
         if not isinstance(self.data_dir, str):
-            raise TypeError(
-                f"data_dir={self.data_dir!r} is not allowed: expected a str path"
+            raise validation.not_allowed(
+                "data_dir", self.data_dir, "a str path", TypeError
             )
-        check_choice("model", self.model, MODELS)
-        check_int("learners", self.learners, 1)
+        validation.check_choice("model", self.model, MODELS)
+        for name in ("learners", "local_steps", "rounds", "batch_size"):
+            validation.check_integer(name, getattr(self, name), low=1)
         if self.images_per_learner is not None:
-            check_int("images_per_learner", self.images_per_learner, 1)
-        check_int("local_steps", self.local_steps, 1)
-        check_int("rounds", self.rounds, 1)
-        check_int("batch_size", self.batch_size, 1)
-        object.__setattr__(
-            self,
-            "learning_rate",
-            check_float("learning_rate", self.learning_rate, positive=True),
-        )
-        object.__setattr__(
-            self, "noise_std", check_float("noise_std", self.noise_std, positive=False)
-        )
-        check_choice("schedule", self.schedule, SCHEDULES)
-        for flag in ("relative", "record_rounds"):
-            if not isinstance(getattr(self, flag), bool):
-                raise TypeError(
-                    f"{flag}={getattr(self, flag)!r} is not allowed: expected "
-                    "True or False"
-                )
-        check_choice("placement", self.placement, (*PLACEMENTS, NO_NOISE))
-        if self.placement == NO_NOISE and self.noise_std > 0:
-            raise ValueError(
-                f"placement={NO_NOISE!r} is not allowed with noise_std="
-                f"{self.noise_std!r}: expected {_allowed(PLACEMENTS)}"
+            validation.check_integer(
+                "images_per_learner", self.images_per_learner, low=1
             )
-        check_choice("distribution", self.distribution, DISTRIBUTIONS)
-        check_choice("partitioning", self.partitioning, PARTITION_SCHEMES)
+        for name in ("learning_rate", "dirichlet_alpha"):
+            number = validation.check_real(
+                name, getattr(self, name), low=0, low_open=True
+            )
+            object.__setattr__(self, name, number)
         object.__setattr__(
-            self,
-            "dirichlet_alpha",
-            check_float("dirichlet_alpha", self.dirichlet_alpha, positive=True),
+            self, "noise_std", validation.check_real("noise_std", self.noise_std, low=0)
         )
+        validation.check_choice("schedule", self.schedule, SCHEDULES)
+        for flag in ("relative", "record_rounds"):
+            validation.check_bool(flag, getattr(self, flag))
+        validation.check_choice("placement", self.placement, (*PLACEMENTS, NO_NOISE))
+        if self.placement == NO_NOISE and self.noise_std > 0:
+            raise validation.not_allowed(
+                "placement",
+                self.placement,
+                f"{validation.allowed_choices(PLACEMENTS)} with noise_std="
+                f"{self.noise_std!r}",
+            )
+        validation.check_choice("distribution", self.distribution, DISTRIBUTIONS)
+        validation.check_choice("partitioning", self.partitioning, PARTITION_SCHEMES)
         validation.check_choice("correlation", self.correlation, CORRELATIONS)
         if (
             self.correlation != INDEPENDENT
@@ -446,12 +381,13 @@ def load_learner_data(
         )
         if config.images_per_learner is not None:
             if len(y) < config.images_per_learner:
-                raise ValueError(
-                    f"images_per_learner={config.images_per_learner} is not "
-                    f"allowed: learner {learner} has only {len(y)} of the "
-                    f"{len(data.y_train)} {config.dataset} training images "
+                raise validation.not_allowed(
+                    "images_per_learner",
+                    config.images_per_learner,
+                    f"at most {len(y)}: learner {learner} has only {len(y)} of "
+                    f"the {len(data.y_train)} {config.dataset} training images "
                     f"({config.partitioning} partitioning into {config.learners} "
-                    "learners); expected at most that many"
+                    "learners)",
                 )
             x, y = x[: config.images_per_learner], y[: config.images_per_learner]
         xs.append(x.to(device))
@@ -607,73 +543,136 @@ class SerialResult:
     seconds: float
 
 
-def _numpy_state(model: nn.Module) -> dict[str, np.ndarray]:
-    """Copy of the model's weights as numpy arrays (an ArrayRecord's content)."""
-    return {
-        name: tensor.detach().cpu().numpy().copy()
-        for name, tensor in model.state_dict().items()
-    }
-
-
-def _torch_state(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    return {name: torch.from_numpy(array) for name, array in arrays.items()}
-
-
-def weighted_average(
-    states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]
-) -> dict[str, np.ndarray]:
-    """Average the learners' weights as Flower's FedAvg does.
-
-    The factors are ``w_k / sum(w)`` (Python floats) and the arrays are
-    accumulated in their own dtype in the given order, exactly as
-    ``flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords`` does, so
-    the result is bit-identical to the App's aggregate.
-
-    Parameters
-    ----------
-    states : Sequence[Mapping[str, np.ndarray]]
-        One name -> array mapping per learner, in partition order.
-    weights : Sequence[float]
-        The learners' numbers of training examples.
-
-    Returns
-    -------
-    dict[str, np.ndarray]
-        The weighted average.
-
-    """
-    total = sum(weights)
-    factors = [weight / total for weight in weights]
-    average: dict[str, np.ndarray] = {}
-    for state, factor in zip(states, factors, strict=True):
-        for name, array in state.items():
-            if name not in average:
-                average[name] = array * factor
-            else:
-                average[name] += array * factor
-    return average
-
-
-def _server_noise(
-    arrays: Mapping[str, np.ndarray],
-    spec: NoiseSpec,
-    *,
-    client: int,
-    server_round: int,
-    purpose: str,
-) -> dict[str, np.ndarray]:
-    """Perturb a model once, as the server does (numpy stream, round schedule)."""
-    rng = numpy_generator(
-        spec.seed, client=client, server_round=server_round, purpose=purpose
-    )
-    perturbed, _ = perturb_arrays(arrays, spec, spec.sigma_at(server_round - 1), rng)
-    return perturbed
-
-
 def _evaluated_rounds(config: ExperimentConfig) -> set[int]:
     if config.record_rounds:
         return set(range(1, config.rounds + 1))
     return {config.rounds}
+
+
+@contextmanager
+def _quiet_flower(threshold: int = logging.WARNING) -> Iterator[None]:
+    """Keep Flower's log lines below ``threshold`` out of the runner's output."""
+    level = FLOWER_LOGGER.level
+    FLOWER_LOGGER.setLevel(max(level, threshold))
+    try:
+        yield
+    finally:
+        FLOWER_LOGGER.setLevel(level)
+
+
+class _Learners:
+    """The learners as in-process ClientApps: the ``reply_fn`` of a FunctionGrid.
+
+    Node ``k + 1`` is learner k. Each train message is handled as the App's
+    ClientApp handles it: the received arrays are loaded into one working
+    model, trained with plain SGD (and the local noise), evaluated when the
+    round is recorded, and sent back with the learner's number of examples.
+    """
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        seed: int,
+        data: LearnerData,
+        model: nn.Module,
+        device: torch.device,
+    ) -> None:
+        self.config = config
+        self.seed = seed
+        self.data = data
+        self.model = model
+        self.spec = config.noise_spec(seed)
+        self.evaluated_rounds = _evaluated_rounds(config)
+        # One meter per learner, summed in learner order: the same total
+        # whatever order the strategy sends the messages in.
+        self.meters = [_UpdateMeter(device) for _ in range(config.learners)]
+        # server round -> learner -> (test loss, test accuracy) after training.
+        self.metrics: dict[int, dict[int, tuple[float, float]]] = {}
+
+    @property
+    def node_ids(self) -> list[int]:
+        return list(range(1, self.config.learners + 1))
+
+    @staticmethod
+    def learner_of(node_id: int) -> int:
+        return node_id - 1
+
+    def update_rms(self) -> float:
+        steps = sum(meter.steps for meter in self.meters)
+        if not steps:
+            return math.nan
+        total = sum(float(meter.total) for meter in self.meters)
+        return total / steps
+
+    def __call__(self, message: Message) -> Message:
+        config = self.config
+        learner = self.learner_of(message.metadata.dst_node_id)
+        server_round = int(message.content["config"]["server-round"])
+        model = self.model
+        model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+        optimizer = make_optimizer(model, config.learning_rate)
+        handles = [self.meters[learner].attach(optimizer)]
+        if config.noise_enabled and config.placement == "local":
+            noise = WeightNoise(
+                model,
+                self.spec,
+                client=learner,
+                server_round=server_round,
+                start_step=(server_round - 1) * config.local_steps,
+                purpose="local",
+                track_norm=False,
+            )
+            handles.append(noise.attach(optimizer))
+        train_steps(
+            model,
+            self.data.x[learner],
+            self.data.y[learner],
+            steps=config.local_steps,
+            batch_size=config.batch_size,
+            optimizer=optimizer,
+            generator=torch_generator(
+                self.seed,
+                client=learner,
+                server_round=server_round,
+                purpose=DATA_PURPOSE,
+            ),
+            sam_rho=config.sam_rho,
+        )
+        # Removing the noise handle removes an anticorrelated run's last
+        # draw, so the learner sends back its clean weights.
+        for handle in handles:
+            handle.remove()
+        if server_round in self.evaluated_rounds:
+            self.metrics.setdefault(server_round, {})[learner] = evaluate(
+                model, self.data.x_test, self.data.y_test
+            )
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord(model.state_dict()),
+                "metrics": MetricRecord({NUM_EXAMPLES: self.data.sizes[learner]}),
+            }
+        )
+        return Message(content, reply_to=message)
+
+
+def _strategy(config: ExperimentConfig, spec: NoiseSpec) -> NoisyStrategy:
+    """NoisyStrategy(FedAvg) with every learner in every round, as in the App."""
+    server_spec = spec if config.noise_enabled else None
+    # Without its warning that fraction_evaluate=0 skips federated evaluation.
+    with _quiet_flower(logging.ERROR):
+        fedavg = FedAvg(
+            fraction_train=1.0,
+            fraction_evaluate=0.0,
+            min_train_nodes=config.learners,
+            min_available_nodes=config.learners,
+            weighted_by_key=NUM_EXAMPLES,
+        )
+    return NoisyStrategy(
+        fedavg,
+        broadcast=server_spec if config.placement == "received" else None,
+        aggregation=server_spec if config.placement == "aggregation" else None,
+        client_key_fn=_Learners.learner_of,
+    )
 
 
 def run_experiment(
@@ -684,6 +683,10 @@ def run_experiment(
     device: torch.device | None = None,
 ) -> RunResult:
     """Run the learners with periodic averaging and the configured noise.
+
+    The server is Flower's ``FedAvg`` wrapped in ``flwr_noise.NoisyStrategy``
+    (which adds the received and the aggregation noise), run by its own
+    ``start`` on a ``FunctionGrid`` whose nodes are the learners.
 
     Parameters
     ----------
@@ -704,100 +707,58 @@ def run_experiment(
         The evaluated rounds and the final averaged weights.
 
     """
-    check_int("seed", seed, 0)
+    validation.check_integer("seed", seed, low=0)
     started = time.perf_counter()
     device = get_device() if device is None else device
     data = load_learner_data(config, seed, device) if data is None else data
-    spec = config.noise_spec(seed)
-    placement = config.placement if config.noise_enabled else NO_NOISE
-    evaluated_rounds = _evaluated_rounds(config)
-    meter = _UpdateMeter(device)
     # One working model, loaded with each learner's weights in turn, like a
     # ClientApp that builds a model and loads the received arrays into it.
     model = build_model(config.model, data.input_shape, data.num_classes, seed=seed).to(
         device
     )
-    global_arrays = _numpy_state(model)
+    learners = _Learners(config, seed, data, model, device)
     records: list[RoundRecord] = []
-    for server_round in range(1, config.rounds + 1):
-        local_states: list[dict[str, np.ndarray]] = []
-        local_metrics: list[tuple[float, float]] = []
-        for learner, (x, y) in enumerate(zip(data.x, data.y, strict=True)):
-            received = global_arrays
-            if placement == "received":
-                received = _server_noise(
-                    global_arrays,
-                    spec,
-                    client=learner,
-                    server_round=server_round,
-                    purpose=PLACEMENT_PURPOSES["received"],
-                )
-            model.load_state_dict(_torch_state(received))
-            optimizer = make_optimizer(model, config.learning_rate)
-            handles = [meter.attach(optimizer)]
-            if placement == "local":
-                noise = WeightNoise(
-                    model,
-                    spec,
-                    client=learner,
-                    server_round=server_round,
-                    start_step=(server_round - 1) * config.local_steps,
-                    purpose=PLACEMENT_PURPOSES["local"],
-                    track_norm=False,
-                )
-                handles.append(noise.attach(optimizer))
-            train_steps(
-                model,
-                x,
-                y,
-                steps=config.local_steps,
-                batch_size=config.batch_size,
-                optimizer=optimizer,
-                generator=torch_generator(
-                    seed,
-                    client=learner,
-                    server_round=server_round,
-                    purpose=DATA_PURPOSE,
-                ),
-                sam_rho=config.sam_rho,
+    # The global model after each round: the aggregate, or the previous model
+    # when the strategy skipped the round (no usable reply, non-finite model).
+    global_arrays = ArrayRecord(model.state_dict())
+
+    def evaluate_averaged(server_round: int, arrays: ArrayRecord) -> None:
+        nonlocal global_arrays
+        global_arrays = arrays
+        if server_round not in learners.evaluated_rounds:
+            return
+        model.load_state_dict(arrays.to_torch_state_dict())
+        averaged_loss, averaged_accuracy = evaluate(model, data.x_test, data.y_test)
+        local_metrics = [
+            metrics for _, metrics in sorted(learners.metrics.pop(server_round).items())
+        ]
+        accuracies = [accuracy for _, accuracy in local_metrics]
+        records.append(
+            RoundRecord(
+                round=server_round,
+                local_accuracy_mean=float(np.mean(accuracies)),
+                local_accuracy_min=min(accuracies),
+                local_accuracy_max=max(accuracies),
+                local_loss_mean=float(np.mean([loss for loss, _ in local_metrics])),
+                averaged_accuracy=averaged_accuracy,
+                averaged_loss=averaged_loss,
             )
-            # Removing the noise handle removes an anticorrelated run's last
-            # draw, so the learner sends back its clean weights.
-            for handle in handles:
-                handle.remove()
-            if server_round in evaluated_rounds:
-                local_metrics.append(evaluate(model, data.x_test, data.y_test))
-            local_states.append(_numpy_state(model))
-        global_arrays = weighted_average(local_states, data.sizes)
-        if placement == "aggregation":
-            global_arrays = _server_noise(
-                global_arrays,
-                spec,
-                client=AGGREGATE_CLIENT,
-                server_round=server_round,
-                purpose=PLACEMENT_PURPOSES["aggregation"],
-            )
-        if server_round in evaluated_rounds:
-            model.load_state_dict(_torch_state(global_arrays))
-            averaged_loss, averaged_accuracy = evaluate(model, data.x_test, data.y_test)
-            accuracies = [accuracy for _, accuracy in local_metrics]
-            records.append(
-                RoundRecord(
-                    round=server_round,
-                    local_accuracy_mean=float(np.mean(accuracies)),
-                    local_accuracy_min=min(accuracies),
-                    local_accuracy_max=max(accuracies),
-                    local_loss_mean=float(np.mean([loss for loss, _ in local_metrics])),
-                    averaged_accuracy=averaged_accuracy,
-                    averaged_loss=averaged_loss,
-                )
-            )
+        )
+
+    with _quiet_flower():
+        _strategy(config, learners.spec).start(
+            grid=FunctionGrid(learners.node_ids, learners, keep_pushed=False),
+            initial_arrays=global_arrays,
+            num_rounds=config.rounds,
+            evaluate_fn=evaluate_averaged,
+        )
+    averaged = {name: array.numpy() for name, array in global_arrays.items()}
     return RunResult(
         rounds=tuple(records),
-        averaged_state=_torch_state(global_arrays),
+        averaged_state=global_arrays.to_torch_state_dict(),
         seconds=time.perf_counter() - started,
-        update_rms=meter.mean,
-        layer_rms=_layer_rms(global_arrays),
+        update_rms=learners.update_rms(),
+        layer_rms=_layer_rms(averaged),
     )
 
 
@@ -832,7 +793,7 @@ def run_serial_baseline(
         The baseline's test accuracy and loss.
 
     """
-    check_int("seed", seed, 0)
+    validation.check_integer("seed", seed, low=0)
     started = time.perf_counter()
     device = get_device() if device is None else device
     data = load_learner_data(config, seed, device) if data is None else data

@@ -28,7 +28,6 @@ from flwr_noise_app.reproduce.runner import (
     RoundRecord,
     RunResult,
     SerialResult,
-    check_int,
     load_learner_data,
     noise_ratios,
     run_experiment,
@@ -156,26 +155,25 @@ class SweepGrid:
         ):
             values = getattr(self, name)
             if not isinstance(values, Sequence) or isinstance(values, str):
-                raise TypeError(
-                    f"{name}={values!r} is not allowed: expected a tuple of values"
+                raise validation.not_allowed(
+                    name, values, "a tuple of values", TypeError
                 )
             if not values and not (name == "noise_stds" and self.sam_rhos):
-                raise ValueError(
-                    f"{name}={values!r} is not allowed: expected at least one value"
-                )
+                raise validation.not_allowed(name, values, "at least one value")
             # Keep the first occurrence of each value, in the given order.
             object.__setattr__(self, name, tuple(dict.fromkeys(values)))
         if self.relative_noise_stds is not None:
             if True not in self.relative:
-                raise ValueError(
-                    f"relative_noise_stds={self.relative_noise_stds!r} is not "
-                    f"allowed with relative={self.relative!r}: expected True in "
-                    "relative, or no relative_noise_stds"
+                raise validation.not_allowed(
+                    "relative_noise_stds",
+                    self.relative_noise_stds,
+                    f"None with relative={self.relative!r} (True not in relative)",
                 )
             if not self.relative_noise_stds:
-                raise ValueError(
-                    f"relative_noise_stds={self.relative_noise_stds!r} is not "
-                    "allowed: expected at least one value, or None"
+                raise validation.not_allowed(
+                    "relative_noise_stds",
+                    self.relative_noise_stds,
+                    "at least one value, or None",
                 )
             object.__setattr__(
                 self,
@@ -183,7 +181,7 @@ class SweepGrid:
                 tuple(dict.fromkeys(self.relative_noise_stds)),
             )
         for seed in self.seeds:
-            check_int("seeds", seed, 0)
+            validation.check_integer("seeds", seed, low=0)
         if not isinstance(self.sam_rhos, Sequence) or isinstance(self.sam_rhos, str):
             raise validation.not_allowed(
                 "sam_rhos", self.sam_rhos, "a tuple of numbers > 0", TypeError
@@ -194,22 +192,23 @@ class SweepGrid:
         for level in self.accuracy_levels:
             validation.check_real("accuracy_levels", level, low=0.0, high=1.0)
         if (self.rounds is None) == (self.total_local_steps is None):
-            raise ValueError(
-                f"rounds={self.rounds!r} and total_local_steps="
-                f"{self.total_local_steps!r} are not allowed together: expected "
-                "exactly one of them"
+            raise validation.not_allowed(
+                "rounds",
+                self.rounds,
+                "an int >= 1 with total_local_steps=None, or None with an int "
+                f"total_local_steps (not {self.total_local_steps!r})",
             )
         if self.rounds is not None:
-            check_int("rounds", self.rounds, 1)
+            validation.check_integer("rounds", self.rounds, low=1)
         else:
-            check_int("total_local_steps", self.total_local_steps, 1)
+            validation.check_integer("total_local_steps", self.total_local_steps, low=1)
             for local_steps in self.local_steps:
-                check_int("local_steps", local_steps, 1)
+                validation.check_integer("local_steps", local_steps, low=1)
                 if self.total_local_steps % local_steps:
-                    raise ValueError(
-                        f"local_steps={local_steps!r} is not allowed with "
-                        f"total_local_steps={self.total_local_steps}: expected a "
-                        "divisor of total_local_steps"
+                    raise validation.not_allowed(
+                        "local_steps",
+                        local_steps,
+                        f"a divisor of total_local_steps={self.total_local_steps}",
                     )
         # Builds (and so validates) every configuration once.
         self.configurations()
