@@ -17,7 +17,7 @@ first (steady state, without Ray's and the actors' start-up).
 
 A second table isolates the server side: the strategy's own work per round
 (``configure_train`` + ``aggregate_train`` on the App's model and as many
-replies as clients), in this process with the test suite's ``FakeGrid``
+replies as clients), in this process with the App's in-memory ``FunctionGrid``
 playing the clients (no Ray, no polling), so that it resolves fractions of a
 millisecond.
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 from statistics import median
@@ -38,7 +37,6 @@ from typing import Any
 
 from common import (
     NOISE_OFF,
-    PROJECT_ROOT,
     IsolatedRun,
     app_job,
     app_run_config,
@@ -97,8 +95,8 @@ def strategy_round_seconds(
 ) -> float:
     """Median seconds of the strategy's own work per round, without Flower's runtime.
 
-    The strategy is built as the ServerApp builds it; ``FakeGrid`` (from the
-    test suite) replies to every train message with the arrays it received.
+    The strategy is built as the ServerApp builds it; the App's in-memory
+    ``FunctionGrid`` replies to every train message with the arrays it received.
     Only ``configure_train`` and ``aggregate_train`` are timed.
     """
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -106,11 +104,9 @@ def strategy_round_seconds(
 
     from flwr_noise.strategy import NoisyStrategy
     from flwr_noise_app.config import AppConfig
+    from flwr_noise_app.grid import FunctionGrid
     from flwr_noise_app.tasks.data import load_dataset
     from flwr_noise_app.tasks.models import build_model
-
-    sys.path.insert(0, str(PROJECT_ROOT / "tests"))
-    from fakes import FakeGrid
 
     config = AppConfig.from_run_config(app_run_config(overrides))
     data = load_dataset(config.dataset, config.data_dir, split_seed=config.seed)
@@ -141,7 +137,7 @@ def strategy_round_seconds(
             local_steps=config.local_steps,
         )
     )
-    grid = FakeGrid(node_ids, reply_fn=reply)
+    grid = FunctionGrid(node_ids, reply_fn=reply)
     seconds = []
     for server_round in range(1, rounds + 1):
         start = time.perf_counter()
