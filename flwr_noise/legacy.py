@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import functools
 import json
-import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import WARNING
 from typing import Any
@@ -68,22 +67,18 @@ from flwr.server.strategy import Strategy
 from flwr.supercore import log
 
 from flwr_noise.mod import add_noise_once, server_round_of, spec_from_wire
+from flwr_noise.replies import ReplyView, array_signature, metric_kind
 from flwr_noise.rounds import (
     LOCAL_PREFIX,
     LOCAL_START_STEP_KEY,
     RECEIVED_PREFIX,
-    REPLIES_FAILED_KEY,
     SERVER_ROUND_KEY,
-    NoiseRounds,
-    NoiseRoundsView,
-    ReplyView,
-    array_signature,
-    metric_kind,
-    noise_metric_key,
+    NoiseWrapper,
+    measured_keys,
 )
 from flwr_noise.spec import NoiseSpec
 from flwr_noise.step_noise import StepNoise, noise_metrics
-from flwr_noise.validation import check_integer, is_real, not_allowed
+from flwr_noise.validation import check_integer, not_allowed
 
 # A NumPyClient does not know its node id: the strategy sends each client the
 # key of its noise streams beside the local spec.
@@ -91,10 +86,7 @@ CLIENT_KEY_CONFIG_KEY = "noise-client-key"
 # The only serialization the server can decode to add noise and check replies.
 NUMPY_TENSOR_TYPE = "numpy.ndarray"
 # Client-reported metrics that the strategy averages into the round's metrics.
-_CLIENT_REPORTED_KEYS = (
-    noise_metric_key("local", "sigma"),
-    noise_metric_key("local", "l2"),
-)
+_CLIENT_REPORTED_KEYS = measured_keys(("local",))
 _WRAPPED_FIT_MARK = "__flwr_noise_local_noise__"
 
 ClientKeyFn = Callable[[ClientProxy], int | str]
@@ -143,9 +135,10 @@ def spec_from_legacy_config(
         try:
             record[key] = json.loads(value)
         except json.JSONDecodeError:
-            raise ValueError(
-                f"config[{key!r}]={value!r} is not allowed: expected a JSON list "
-                "of regular expressions, e.g. '[\"bias$\"]'"
+            raise not_allowed(
+                f"config[{key!r}]",
+                value,
+                "a JSON list of regular expressions, e.g. '[\"bias$\"]'",
             ) from None
     return spec_from_wire(record, prefix)
 
@@ -160,14 +153,7 @@ def _decode(parameters: Parameters, what: str) -> NDArrays:
     return parameters_to_ndarrays(parameters)
 
 
-def _weighted_mean(values: Sequence[tuple[int, float]]) -> float:
-    total = sum(weight for weight, _ in values)
-    if total <= 0:
-        return float(np.mean([value for _, value in values]))
-    return sum(weight * value for weight, value in values) / total
-
-
-class NoisyLegacyStrategy(NoiseRoundsView, Strategy):
+class NoisyLegacyStrategy(NoiseWrapper, Strategy):
     """Legacy-API strategy wrapper that injects weight noise into training.
 
     Wraps any ``flwr.server.strategy.Strategy`` and delegates everything to it;
@@ -267,26 +253,11 @@ class NoisyLegacyStrategy(NoiseRoundsView, Strategy):
         local_steps: int | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(strategy, Strategy):
-            raise not_allowed(
-                "strategy",
-                strategy,
-                "an instance of flwr.server.strategy.Strategy",
-                TypeError,
-            )
-        if client_key_fn is not None and not callable(client_key_fn):
-            raise not_allowed(
-                "client_key_fn",
-                client_key_fn,
-                "a callable ClientProxy -> int | str, or None",
-                TypeError,
-            )
-        names = None if array_names is None else self._checked_names(array_names)
-        self.strategy = strategy
-        self.client_key_fn = client_key_fn
-        self.array_names: tuple[str, ...] | None = names
-        self.core = NoiseRounds(
-            "NoisyLegacyStrategy",
+        self._wrap(
+            strategy,
+            (Strategy, "flwr.server.strategy.Strategy"),
+            client_key_fn,
+            "a callable ClientProxy -> int | str, or None",
             sender="client",
             local=local,
             broadcast=broadcast,
@@ -295,10 +266,9 @@ class NoisyLegacyStrategy(NoiseRoundsView, Strategy):
             received=received,
             local_steps=local_steps,
         )
-
-    def __repr__(self) -> str:
-        """Return a string representation of the strategy."""
-        return f"NoisyLegacyStrategy({self.strategy!r})"
+        self.array_names: tuple[str, ...] | None = (
+            None if array_names is None else self._checked_names(array_names)
+        )
 
     @staticmethod
     def _checked_names(array_names: Iterable[str]) -> tuple[str, ...]:
@@ -349,29 +319,30 @@ class NoisyLegacyStrategy(NoiseRoundsView, Strategy):
             array_signature(global_arrays),
             {client.cid: str for client, _ in instructions},
         )
-        entries: dict[str, Scalar] = {SERVER_ROUND_KEY: server_round}
-        for prefix, spec in self.core.client_specs().items():
-            entries.update(spec_to_legacy_config(spec, prefix))
-        entries.update(self.core.round_entries(server_round))  # type: ignore[arg-type]
-
+        # Legacy strategies do not send the round; the clients need it.
+        entries: dict[str, Scalar] = {
+            SERVER_ROUND_KEY: server_round,
+            **self.core.client_config(server_round, spec_to_legacy_config),
+        }
         fit_parameters = [fit_ins.parameters for _, fit_ins in instructions]
         if self.broadcast is not None:
-            # Strategies share one Parameters among the clients: decode it once.
-            decoded = {id(parameters): global_arrays}
-            for params in fit_parameters:
-                if id(params) not in decoded:
-                    decoded[id(params)] = self._named(_decode(params, "FitIns"))
             copies = self.core.perturb_broadcast(
                 server_round,
                 [
-                    (self.client_key(client), decoded[id(params)])
+                    (self.client_key(client), params)
                     for (client, _), params in zip(
                         instructions, fit_parameters, strict=True
                     )
                 ],
+                # Strategies share the global Parameters among the clients.
+                lambda params: (
+                    global_arrays
+                    if params is parameters
+                    else self._named(_decode(params, "FitIns"))
+                ),
             )
             fit_parameters = [
-                ndarrays_to_parameters(list(copy.values())) for copy in copies
+                ndarrays_to_parameters(list(copy.values())) for _, copy in copies
             ]
         configured: list[tuple[ClientProxy, FitIns]] = []
         for (client, fit_ins), params in zip(instructions, fit_parameters, strict=True):
@@ -406,25 +377,22 @@ class NoisyLegacyStrategy(NoiseRoundsView, Strategy):
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Aggregate the valid results, then add the aggregation noise."""
         views = [self._view(client, fit_res) for client, fit_res in results]
-        kept = [results[index] for index in self.core.screen(server_round, views)]
-        parameters, metrics, noisy = self.core.aggregate(
+        failed = len(failures)
+        kept = [
+            results[index] for index in self.core.screen(server_round, views, failed)
+        ]
+        parameters, metrics = self.core.aggregate(
             server_round,
             lambda: self.strategy.aggregate_fit(server_round, kept, failures),
             lambda params: self._named(_decode(params, "aggregated parameters")),
+            lambda noisy: ndarrays_to_parameters(list(noisy.values())),
         )
-        if parameters is not None and noisy is not None:
-            parameters = ndarrays_to_parameters(list(noisy.values()))
-
-        round_info = self.core.round_noise[server_round]
-        round_info[REPLIES_FAILED_KEY] = len(failures)
-        for key in _CLIENT_REPORTED_KEYS:
-            reported = [
-                (fit_res.num_examples, float(fit_res.metrics[key]))
-                for _, fit_res in kept
-                if is_real(fit_res.metrics.get(key))
-            ]
-            if self.local is not None and reported:
-                round_info[key] = _weighted_mean(reported)
+        if self.local is not None:
+            self.core.log.average_reported(
+                server_round,
+                [(fit_res.num_examples, fit_res.metrics) for _, fit_res in kept],
+                _CLIENT_REPORTED_KEYS,
+            )
         merged = self.core.round_metrics(server_round, metrics, _CLIENT_REPORTED_KEYS)
         if merged is not None:
             return parameters, merged
@@ -635,25 +603,16 @@ class NoisyNumPyClient(NumPyClient):
     ) -> None:
         super().__init__()
         if model is not None and not isinstance(model, torch.nn.Module):
-            raise TypeError(
-                f"model={model!r} is not allowed: expected a torch.nn.Module or None"
-            )
-        if local_steps is not None and (
-            not isinstance(local_steps, numbers.Integral)
-            or isinstance(local_steps, bool)
-            or local_steps < 1
-        ):
-            raise ValueError(
-                f"local_steps={local_steps!r} is not allowed: expected an int >= 1 "
-                "or None"
-            )
+            raise not_allowed("model", model, "a torch.nn.Module or None", TypeError)
+        if local_steps is not None:
+            local_steps = check_integer("local_steps", local_steps, low=1)
         # Only assign what was given: a subclass may have set them already.
         if model is not None:
             self.model = model
         if partition_id is not None:
             self.partition_id = partition_id
         if local_steps is not None:
-            self.local_steps = int(local_steps)
+            self.local_steps = local_steps
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Wrap the ``fit`` a subclass defines so that it applies the local noise."""

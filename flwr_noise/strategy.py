@@ -26,10 +26,17 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from flwr_noise.replies import (
+    NO_WEIGHT,
+    ArraySignature,
+    ReplyView,
+    first_non_finite,
+    metric_kind,
+    signature_mismatch,
+)
 from flwr_noise.rounds import (
     LOCAL_PREFIX,
     LOCAL_START_STEP_KEY,
-    NO_WEIGHT,
     RECEIVED_PREFIX,
     REPLIES_DROPPED_KEY,
     REPLIES_FAILED_KEY,
@@ -37,20 +44,14 @@ from flwr_noise.rounds import (
     ROUND_FAILED_KEY,
     SERVER_ROUND_KEY,
     UPDATE_PREFIX,
-    ArraySignature,
-    NoiseRounds,
-    NoiseRoundsView,
-    ReplyView,
+    NoiseWrapper,
     enabled_or_none,
-    first_non_finite,
-    metric_kind,
+    measured_keys,
     noise_metric_key,
     noise_metric_prefix,
-    signature_mismatch,
 )
 from flwr_noise.sampling import NoiseReport, perturb_arrays
-from flwr_noise.spec import ConfigValue, NoiseSpec
-from flwr_noise.validation import not_allowed
+from flwr_noise.spec import NoiseSpec
 
 __all__ = [
     "LOCAL_PREFIX",
@@ -75,11 +76,7 @@ __all__ = [
 ]
 
 # Measured by the clients when they report them; else the server's nominal sigma.
-_CLIENT_REPORTED_KEYS = tuple(
-    noise_metric_key(kind, quantity)
-    for kind in ("local", "update", "received")
-    for quantity in ("sigma", "l2")
-)
+_CLIENT_REPORTED_KEYS = measured_keys(("local", "update", "received"))
 
 
 def find_record_key(
@@ -217,7 +214,7 @@ class _ClientKeyOrderedGrid(Grid):
 _ClientKeyOrderedGrid.__abstractmethods__ = frozenset()
 
 
-class NoisyStrategy(NoiseRoundsView, Strategy):
+class NoisyStrategy(NoiseWrapper, Strategy):
     """Strategy wrapper that injects weight noise into federated training.
 
     Wraps any ``flwr.serverapp.strategy.Strategy`` (FedAvg, FedAdam, FedProx,
@@ -341,24 +338,11 @@ class NoisyStrategy(NoiseRoundsView, Strategy):
         local_steps: int | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(strategy, Strategy):
-            raise not_allowed(
-                "strategy",
-                strategy,
-                "an instance of flwr.serverapp.strategy.Strategy",
-                TypeError,
-            )
-        if client_key_fn is not None and not callable(client_key_fn):
-            raise not_allowed(
-                "client_key_fn",
-                client_key_fn,
-                "a callable node id -> int | str, or None",
-                TypeError,
-            )
-        self.strategy = strategy
-        self.client_key_fn = client_key_fn
-        self.core = NoiseRounds(
-            "NoisyStrategy",
+        self._wrap(
+            strategy,
+            (Strategy, "flwr.serverapp.strategy.Strategy"),
+            client_key_fn,
+            "a callable node id -> int | str, or None",
             local=local,
             broadcast=broadcast,
             aggregation=aggregation,
@@ -366,10 +350,6 @@ class NoisyStrategy(NoiseRoundsView, Strategy):
             received=received,
             local_steps=local_steps,
         )
-
-    def __repr__(self) -> str:
-        """Return a string representation of the strategy."""
-        return f"NoisyStrategy({self.strategy!r})"
 
     def summary(self) -> None:
         """Log summary configuration of the strategy."""
@@ -386,10 +366,9 @@ class NoisyStrategy(NoiseRoundsView, Strategy):
         """Configure the next round of training, with each client's noise."""
         if self.client_key_fn is not None:
             grid = _ClientKeyOrderedGrid(grid, self.client_key)
-        entries: dict[str, ConfigValue] = {}
-        for prefix, spec in self.core.client_specs().items():
-            entries.update(spec.to_config(prefix))
-        entries.update(self.core.round_entries(server_round))
+        entries = self.core.client_config(
+            server_round, lambda spec, prefix: spec.to_config(prefix)
+        )
         if entries:
             # A copy: the caller's config (Strategy.start reuses it) stays clean.
             config = ConfigRecord({**dict(config), **entries})
@@ -412,8 +391,7 @@ class NoisyStrategy(NoiseRoundsView, Strategy):
 
     def _perturb_broadcast(self, server_round: int, messages: list[Message]) -> None:
         preferred = getattr(self.strategy, "arrayrecord_key", None)
-        targets: list[tuple[Message, RecordDict, str, ArrayRecord]] = []
-        decoded: dict[int, dict[str, np.ndarray]] = {}
+        targets: list[tuple[RecordDict, str, ArrayRecord]] = []
         for message in messages:
             # FedAvg shares one RecordDict among all messages: each message
             # gets its own copy, the shared one is never modified.
@@ -426,18 +404,19 @@ class NoisyStrategy(NoiseRoundsView, Strategy):
                 )
             record = content[key]
             assert isinstance(record, ArrayRecord)
-            if id(record) not in decoded:
-                decoded[id(record)] = decode_arrays(record)
-            targets.append((message, content, key, record))
+            targets.append((content, key, record))
         copies = self.core.perturb_broadcast(
             server_round,
             [
-                (self.client_key(message.metadata.dst_node_id), decoded[id(record)])
-                for message, _, _, record in targets
+                (self.client_key(message.metadata.dst_node_id), record)
+                for message, (_, _, record) in zip(messages, targets, strict=True)
             ],
+            decode_arrays,
         )
-        for (message, content, key, record), copy in zip(targets, copies, strict=True):
-            content[key] = _encode_like(record, decoded[id(record)], copy)
+        for message, (content, key, record), (decoded, copy) in zip(
+            messages, targets, copies, strict=True
+        ):
+            content[key] = _encode_like(record, decoded, copy)
             message.content = content
 
     def _view(self, reply: Message) -> ReplyView:
@@ -493,13 +472,14 @@ class NoisyStrategy(NoiseRoundsView, Strategy):
             kept.sort(
                 key=lambda reply: str(self.client_key(reply.metadata.src_node_id))
             )
-        arrays, metrics, noisy = self.core.aggregate(
+        arrays, metrics = self.core.aggregate(
             server_round,
             lambda: self.strategy.aggregate_train(server_round, kept),
             decode_arrays,
+            lambda noisy: ArrayRecord(
+                {name: Array(value) for name, value in noisy.items()}
+            ),
         )
-        if arrays is not None and noisy is not None:
-            arrays = ArrayRecord({name: Array(value) for name, value in noisy.items()})
         merged = self.core.round_metrics(server_round, metrics, _CLIENT_REPORTED_KEYS)
         if merged is not None:
             metrics = MetricRecord(merged)
