@@ -153,6 +153,41 @@ def _decode(parameters: Parameters, what: str) -> NDArrays:
     return parameters_to_ndarrays(parameters)
 
 
+def _checked_names(array_names: Iterable[str]) -> tuple[str, ...]:
+    expected = "a sequence of distinct str (e.g. list(model.state_dict())) or None"
+    if isinstance(array_names, str | bytes) or not isinstance(array_names, Iterable):
+        raise not_allowed("array_names", array_names, expected, TypeError)
+    names = tuple(array_names)
+    if not all(isinstance(name, str) for name in names):
+        raise not_allowed("array_names", array_names, expected, TypeError)
+    if len(set(names)) != len(names):
+        raise not_allowed("array_names", array_names, expected)
+    return names
+
+
+def _fit_res_view(
+    client: ClientProxy,
+    fit_res: FitRes,
+    order: str,
+    decode: Callable[[Parameters], Mapping[str, np.ndarray]],
+) -> ReplyView:
+    """Return what :class:`~flwr_noise.replies.ReplyScreen` checks of a FitRes."""
+    metrics = fit_res.metrics if isinstance(fit_res.metrics, Mapping) else {}
+    return ReplyView(
+        node=client.cid,
+        order=order,
+        decode=lambda: decode(fit_res.parameters),
+        weight=fit_res.num_examples,
+        weight_label="num_examples",
+        structure=tuple(
+            sorted((str(key), metric_kind(value)) for key, value in metrics.items())
+        ),
+        problem=None
+        if isinstance(fit_res.metrics, Mapping)
+        else "its metrics are not a mapping",
+    )
+
+
 class NoisyLegacyStrategy(NoiseWrapper, Strategy):
     """Legacy-API strategy wrapper that injects weight noise into training.
 
@@ -174,16 +209,13 @@ class NoisyLegacyStrategy(NoiseWrapper, Strategy):
     its own ``FitIns``: the wrapped strategy's configs and parameters are
     never modified.
 
-    Replies: a ``FitRes`` from a client that was not configured this round,
-    or sent twice, whose ``num_examples`` is not a finite number in (0,
-    2**53], whose parameters do not decode to the number, dtypes and shapes
-    of arrays sent, hold NaN or Inf, or whose metric keys or value types
-    differ from most others', is dropped (removed from ``results``) with a
-    WARNING naming the client, before the wrapped ``aggregate_fit`` runs.
-    ``failures`` are passed through as they are. If the wrapped aggregation
-    raises, or the model after aggregation noise is not finite, the round
-    returns no parameters (Flower keeps the previous model) with
-    ``round-failed = 1``.
+    Replies: a ``FitRes`` that :class:`flwr_noise.replies.ReplyScreen`
+    refuses (``num_examples`` is its weight) is dropped (removed from
+    ``results``) with a WARNING naming the client, before the wrapped
+    ``aggregate_fit`` runs; ``failures`` are passed through as they are. If
+    the wrapped aggregation raises, or the model after aggregation noise is
+    not finite, the round returns no parameters (Flower keeps the previous
+    model) with ``round-failed = 1``.
 
     Metrics: when any spec is on (or a result was dropped, or the round
     failed), the round's fit metrics get ``noise-<kind>-sigma`` /
@@ -267,22 +299,8 @@ class NoisyLegacyStrategy(NoiseWrapper, Strategy):
             local_steps=local_steps,
         )
         self.array_names: tuple[str, ...] | None = (
-            None if array_names is None else self._checked_names(array_names)
+            None if array_names is None else _checked_names(array_names)
         )
-
-    @staticmethod
-    def _checked_names(array_names: Iterable[str]) -> tuple[str, ...]:
-        expected = "a sequence of distinct str (e.g. list(model.state_dict())) or None"
-        if isinstance(array_names, str | bytes) or not isinstance(
-            array_names, Iterable
-        ):
-            raise not_allowed("array_names", array_names, expected, TypeError)
-        names = tuple(array_names)
-        if not all(isinstance(name, str) for name in names):
-            raise not_allowed("array_names", array_names, expected, TypeError)
-        if len(set(names)) != len(names):
-            raise not_allowed("array_names", array_names, expected)
-        return names
 
     def client_key(self, client: ClientProxy) -> int | str:
         """Return the client key of the noise streams of ``client``."""
@@ -290,8 +308,12 @@ class NoisyLegacyStrategy(NoiseWrapper, Strategy):
             return client.cid
         return self.client_key_fn(client)
 
-    def _named(self, arrays: NDArrays) -> dict[str, np.ndarray]:
-        """Return ``arrays`` as a name -> array dict (see ``array_names``)."""
+    def _arrays(self, parameters: Parameters, what: str) -> dict[str, np.ndarray]:
+        """Decode ``parameters`` (called ``what`` in errors) as name -> array.
+
+        The names are ``array_names``, else ``arr_0``, ``arr_1``, ... .
+        """
+        arrays = _decode(parameters, what)
         if self.array_names is None:
             return {f"arr_{index}": array for index, array in enumerate(arrays)}
         if len(self.array_names) != len(arrays):
@@ -313,7 +335,7 @@ class NoisyLegacyStrategy(NoiseWrapper, Strategy):
         instructions = self.strategy.configure_fit(
             server_round, parameters, client_manager
         )
-        global_arrays = self._named(_decode(parameters, "parameters"))
+        global_arrays = self._arrays(parameters, "parameters")
         self.core.start_round(
             server_round,
             array_signature(global_arrays),
@@ -338,7 +360,7 @@ class NoisyLegacyStrategy(NoiseWrapper, Strategy):
                 lambda params: (
                     global_arrays
                     if params is parameters
-                    else self._named(_decode(params, "FitIns"))
+                    else self._arrays(params, "FitIns")
                 ),
             )
             fit_parameters = [
@@ -352,23 +374,6 @@ class NoisyLegacyStrategy(NoiseWrapper, Strategy):
             configured.append((client, FitIns(params, config)))
         return configured
 
-    def _view(self, client: ClientProxy, fit_res: FitRes) -> ReplyView:
-        """Return what the core checks of one FitRes."""
-        metrics = fit_res.metrics if isinstance(fit_res.metrics, Mapping) else {}
-        return ReplyView(
-            node=client.cid,
-            order=str(self.client_key(client)),
-            decode=lambda: self._named(_decode(fit_res.parameters, "FitRes")),
-            weight=fit_res.num_examples,
-            weight_label="num_examples",
-            structure=tuple(
-                sorted((str(key), metric_kind(value)) for key, value in metrics.items())
-            ),
-            problem=None
-            if isinstance(fit_res.metrics, Mapping)
-            else "its metrics are not a mapping",
-        )
-
     def aggregate_fit(
         self,
         server_round: int,
@@ -376,7 +381,15 @@ class NoisyLegacyStrategy(NoiseWrapper, Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Aggregate the valid results, then add the aggregation noise."""
-        views = [self._view(client, fit_res) for client, fit_res in results]
+        views = [
+            _fit_res_view(
+                client,
+                fit_res,
+                str(self.client_key(client)),
+                lambda params: self._arrays(params, "FitRes"),
+            )
+            for client, fit_res in results
+        ]
         failed = len(failures)
         kept = [
             results[index] for index in self.core.screen(server_round, views, failed)
@@ -384,7 +397,7 @@ class NoisyLegacyStrategy(NoiseWrapper, Strategy):
         parameters, metrics = self.core.aggregate(
             server_round,
             lambda: self.strategy.aggregate_fit(server_round, kept, failures),
-            lambda params: self._named(_decode(params, "aggregated parameters")),
+            lambda params: self._arrays(params, "aggregated parameters"),
             lambda noisy: ndarrays_to_parameters(list(noisy.values())),
         )
         if self.local is not None:

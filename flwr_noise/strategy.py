@@ -176,6 +176,83 @@ def _declared_signature(record: ArrayRecord) -> ArraySignature:
     return {name: (tuple(array.shape), array.dtype) for name, array in record.items()}
 
 
+def _model_records(
+    messages: Iterable[Message], preferred: str | None
+) -> list[tuple[RecordDict, str, ArrayRecord]]:
+    """Return each message's own copy of its content, and the model's key and record.
+
+    FedAvg shares one RecordDict among all messages: the shared one is never
+    modified.
+    """
+    targets = []
+    for message in messages:
+        content = RecordDict(dict(message.content.items()))
+        key = find_record_key(content, ArrayRecord, preferred)
+        if key is None:
+            raise ValueError(
+                f"the train message to node {message.metadata.dst_node_id} "
+                "holds no ArrayRecord: broadcast noise needs the model in it"
+            )
+        record = content[key]
+        assert isinstance(record, ArrayRecord)
+        targets.append((content, key, record))
+    return targets
+
+
+def reply_view(reply: Message, weight_key: str | None, order: str) -> ReplyView:
+    """Return what :class:`~flwr_noise.replies.ReplyScreen` checks of a reply.
+
+    Parameters
+    ----------
+    reply : Message
+        A non-error train reply.
+    weight_key : str | None
+        The wrapped strategy's ``weighted_by_key`` (``None``: it weights
+        replies by nothing).
+    order : str
+        The sender's client key, as a str.
+
+    Returns
+    -------
+    ReplyView
+        Its ArrayRecord (exactly one expected) and weight (one MetricRecord
+        expected when ``weight_key`` is set), and its structure: record keys,
+        metric keys and the kinds of their values.
+
+    """
+    array_records = reply.content.array_records
+    metric_records = reply.content.metric_records
+    problem = None
+    weight: Any = NO_WEIGHT
+    if len(array_records) != 1:
+        problem = f"it holds {len(array_records)} ArrayRecords: expected one"
+    elif weight_key is not None:
+        if len(metric_records) != 1:
+            problem = (
+                f"it holds {len(metric_records)} MetricRecords: expected one "
+                f"with {weight_key!r}"
+            )
+        else:
+            weight = next(iter(metric_records.values())).get(weight_key)
+    structure = (
+        tuple(sorted(array_records)),
+        tuple(
+            (key, tuple(sorted((name, metric_kind(v)) for name, v in rec.items())))
+            for key, rec in sorted(metric_records.items())
+        ),
+    )
+    return ReplyView(
+        node=reply.metadata.src_node_id,
+        order=order,
+        decode=lambda: decode_arrays(next(iter(array_records.values()))),
+        weight=weight,
+        weight_label=str(weight_key),
+        structure=structure,
+        problem=problem,
+        reply_to=reply.metadata.reply_to_message_id,
+    )
+
+
 class _ClientKeyOrderedGrid(Grid):
     """A Grid that lists its nodes in client-key order; all else is the grid's.
 
@@ -224,23 +301,6 @@ class NoisyStrategy(NoiseWrapper, Strategy):
     (``std == 0``) is off; with every spec off the wrapper changes neither the
     messages nor the metrics (it still drops broken replies, see below).
 
-    Where each kind of noise is added, and what its schedule time ``t`` counts:
-
-    - ``local``: sent to the clients in the train config (under
-      ``noise.local.``), applied after every local optimizer step
-      (:func:`flwr_noise.weight_noise`, :func:`flwr_noise.weight_noise_mod`).
-      ``t`` counts steps (``schedule_unit="step"``) or ``server_round - 1``
-      (``"round"``). With ``local_steps`` the config also carries
-      ``noise.local.start-step = (server_round - 1) * local_steps``, where a
-      client's step schedule continues.
-    - ``received``: sent under ``noise.received.``; the client's
-      ``weight_noise_mod`` adds it once to the model it receives.
-    - ``update``: sent under ``noise.update.``; ``weight_noise_mod`` adds it
-      once to the model a client sends back.
-    - ``broadcast``: each selected client receives its own, independently
-      perturbed copy of the global model.
-    - ``aggregation``: added once to the aggregate.
-
     ``broadcast``, ``aggregation``, ``received`` and ``update`` are applied
     once per round, so for them one step is one round: ``t = server_round -
     1`` whatever ``schedule_unit`` says. Every client and round draws its own
@@ -257,18 +317,15 @@ class NoisyStrategy(NoiseWrapper, Strategy):
     replies are averaged in that order. ``received`` noise is drawn by the
     client with its partition id as key, so it is reproducible without it.
 
-    Replies are checked on what they carry. A reply is dropped, with one
+    Replies are checked on what they carry: a reply is dropped, with one
     WARNING naming the node and the reason, and counted in
-    ``replies-dropped``, when: its node was not asked this round, or replied
-    more than once (all its replies are dropped); it does not hold exactly one
-    ArrayRecord (and, for a strategy that weights replies, one MetricRecord);
-    its weight (the wrapped strategy's ``weighted_by_key``, ``num-examples``
-    for FedAvg) is not a finite number in (0, 2**53]; an array fails to
-    decode, or decodes to another dtype or shape than the one sent, or holds
-    NaN or Inf; its record keys, metric keys or the kinds of its metric values
-    differ from those most replies share (a tie goes to the previous round's,
-    else to the reply first in client-key order). Error replies go to the
-    wrapped strategy untouched.
+    ``replies-dropped``, when its node was not asked or replied twice, it does
+    not hold exactly one ArrayRecord (and, for a strategy that weights
+    replies, one MetricRecord), its weight (``weighted_by_key``) is not a
+    finite number in (0, 2**53], its arrays do not decode to the dtypes and
+    shapes sent or are not finite, or its keys differ from most replies'
+    (the rules: :class:`flwr_noise.replies.ReplyScreen`). Error replies go
+    to the wrapped strategy untouched.
 
     A round never fails the run: if the wrapped aggregation raises, or the
     model (after aggregation noise) is not finite, ``aggregate_train``
@@ -291,16 +348,24 @@ class NoisyStrategy(NoiseWrapper, Strategy):
     strategy : Strategy
         The strategy to wrap.
     local : NoiseSpec | None (default: None)
-        Noise the clients add after every local optimizer step.
+        Sent to the clients in the train config (under ``noise.local.``),
+        applied after every local optimizer step (:func:`flwr_noise.weight_noise`,
+        :func:`flwr_noise.weight_noise_mod`). ``t`` counts steps
+        (``schedule_unit="step"``) or ``server_round - 1`` (``"round"``).
+        With ``local_steps`` the config also carries ``noise.local.start-step
+        = (server_round - 1) * local_steps``, where a client's step schedule
+        continues.
     broadcast : NoiseSpec | None (default: None)
-        Noise on each client's copy of the global model, added by the server.
+        Each selected client receives its own copy of the global model,
+        independently perturbed by the server.
     aggregation : NoiseSpec | None (default: None)
-        Noise on the aggregated model.
+        Added once to the aggregated model.
     update : NoiseSpec | None (default: None)
-        Noise the clients' ``weight_noise_mod`` adds to the model they send back.
+        Sent under ``noise.update.``; the clients' ``weight_noise_mod`` adds
+        it once to the model they send back.
     received : NoiseSpec | None (default: None)
-        Noise the clients' ``weight_noise_mod`` adds once to the model they
-        receive.
+        Sent under ``noise.received.``; the clients' ``weight_noise_mod`` adds
+        it once to the model they receive.
     client_key_fn : Callable[[int], int | str] | None (default: None)
         Maps a node id to the client key of its noise streams (e.g. its
         partition id, stable across runs); ``None`` uses the node id. When
@@ -390,21 +455,9 @@ class NoisyStrategy(NoiseWrapper, Strategy):
         return messages
 
     def _perturb_broadcast(self, server_round: int, messages: list[Message]) -> None:
-        preferred = getattr(self.strategy, "arrayrecord_key", None)
-        targets: list[tuple[RecordDict, str, ArrayRecord]] = []
-        for message in messages:
-            # FedAvg shares one RecordDict among all messages: each message
-            # gets its own copy, the shared one is never modified.
-            content = RecordDict(dict(message.content.items()))
-            key = find_record_key(content, ArrayRecord, preferred)
-            if key is None:
-                raise ValueError(
-                    f"the train message to node {message.metadata.dst_node_id} "
-                    "holds no ArrayRecord: broadcast noise needs the model in it"
-                )
-            record = content[key]
-            assert isinstance(record, ArrayRecord)
-            targets.append((content, key, record))
+        targets = _model_records(
+            messages, getattr(self.strategy, "arrayrecord_key", None)
+        )
         copies = self.core.perturb_broadcast(
             server_round,
             [
@@ -419,44 +472,6 @@ class NoisyStrategy(NoiseWrapper, Strategy):
             content[key] = _encode_like(record, decoded, copy)
             message.content = content
 
-    def _view(self, reply: Message) -> ReplyView:
-        """Return what the core checks of one non-error reply."""
-        content = reply.content
-        array_records = content.array_records
-        metric_records = content.metric_records
-        weight_key = getattr(self.strategy, "weighted_by_key", None)
-        problem = None
-        weight: Any = NO_WEIGHT
-        if len(array_records) != 1:
-            problem = f"it holds {len(array_records)} ArrayRecords: expected one"
-        elif weight_key is not None:
-            if len(metric_records) != 1:
-                problem = (
-                    f"it holds {len(metric_records)} MetricRecords: expected one "
-                    f"with {weight_key!r}"
-                )
-            else:
-                metrics = next(iter(metric_records.values()))
-                weight = metrics.get(weight_key)
-        structure = (
-            tuple(sorted(array_records)),
-            tuple(
-                (key, tuple(sorted((name, metric_kind(v)) for name, v in rec.items())))
-                for key, rec in sorted(metric_records.items())
-            ),
-        )
-        node = reply.metadata.src_node_id
-        return ReplyView(
-            node=node,
-            order=str(self.client_key(node)),
-            decode=lambda: decode_arrays(next(iter(array_records.values()))),
-            weight=weight,
-            weight_label=str(weight_key),
-            structure=structure,
-            problem=problem,
-            reply_to=reply.metadata.reply_to_message_id,
-        )
-
     def aggregate_train(
         self,
         server_round: int,
@@ -464,7 +479,15 @@ class NoisyStrategy(NoiseWrapper, Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the valid replies, then add the aggregation noise."""
         replies = list(replies)
-        views = [None if reply.has_error() else self._view(reply) for reply in replies]
+        weight_key = getattr(self.strategy, "weighted_by_key", None)
+        views = [
+            None
+            if reply.has_error()
+            else reply_view(
+                reply, weight_key, str(self.client_key(reply.metadata.src_node_id))
+            )
+            for reply in replies
+        ]
         kept = [replies[index] for index in self.core.screen(server_round, views)]
         if self.client_key_fn is not None:
             # Replies arrive in completion order; averaging them in client-key
