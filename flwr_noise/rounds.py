@@ -21,7 +21,7 @@ import numpy as np
 from flwr.supercore import log
 
 from flwr_noise.replies import ArraySignature, ReplyScreen, ReplyView, first_non_finite
-from flwr_noise.sampling import perturb_arrays
+from flwr_noise.sampling import NoiseReport, perturb_arrays
 from flwr_noise.seeding import AGGREGATE_CLIENT, numpy_generator
 from flwr_noise.spec import NoiseSpec
 from flwr_noise.validation import check_integer, is_real, not_allowed
@@ -128,6 +128,25 @@ def weighted_mean(pairs: Sequence[tuple[float, float]]) -> float:
     return sum(weight * value for weight, value in pairs) / total
 
 
+def perturb_once(
+    arrays: Mapping[str, np.ndarray],
+    spec: NoiseSpec,
+    *,
+    client: int | str,
+    server_round: int,
+    purpose: str,
+) -> tuple[dict[str, np.ndarray], NoiseReport]:
+    """Return ``arrays`` plus one draw of a once-per-round spec, and its report.
+
+    The draw comes from the stream of (``spec.seed``, ``client``,
+    ``server_round``, ``purpose``) at schedule time ``server_round - 1``.
+    """
+    rng = numpy_generator(
+        spec.seed, client=client, server_round=server_round, purpose=purpose
+    )
+    return perturb_arrays(arrays, spec, spec.sigma_at(server_round - 1), rng)
+
+
 def broadcast_copies(
     spec: NoiseSpec,
     server_round: int,
@@ -140,38 +159,18 @@ def broadcast_copies(
     clients share (one object) is decoded once. Arrays that got no noise are
     the decoded ones.
     """
-    sigma = spec.sigma_at(server_round - 1)
     decoded: dict[int, Mapping[str, np.ndarray]] = {}
     pairs, norms = [], []
     for client, source in targets:
         if id(source) not in decoded:
             decoded[id(source)] = decode(source)
         arrays = decoded[id(source)]
-        rng = numpy_generator(
-            spec.seed, client=client, server_round=server_round, purpose="broadcast"
+        perturbed, report = perturb_once(
+            arrays, spec, client=client, server_round=server_round, purpose="broadcast"
         )
-        perturbed, report = perturb_arrays(arrays, spec, sigma, rng)
         pairs.append((arrays, perturbed))
         norms.append(report.l2_norm)
     return pairs, float(np.mean(norms)) if norms else 0.0
-
-
-def aggregate_with_noise(
-    spec: NoiseSpec, server_round: int, arrays: Mapping[str, np.ndarray]
-) -> tuple[dict[str, np.ndarray], float]:
-    """Return the aggregate plus the aggregation noise, and the noise's L2 norm."""
-    rng = numpy_generator(
-        spec.seed,
-        client=AGGREGATE_CLIENT,
-        server_round=server_round,
-        purpose="aggregation",
-    )
-    # A huge aggregate may overflow: first_non_finite then fails the round.
-    with np.errstate(over="ignore", invalid="ignore"):
-        perturbed, report = perturb_arrays(
-            arrays, spec, spec.sigma_at(server_round - 1), rng
-        )
-    return perturbed, report.l2_norm
 
 
 class RoundLog:
@@ -420,16 +419,7 @@ class NoiseRounds:
             return None, None
         spec = self.specs["aggregation"]
         if spec is not None:
-            decoded, l2 = aggregate_with_noise(spec, server_round, decoded)
-            sigma = spec.sigma_at(server_round - 1)
-            log(
-                INFO,
-                "%s: aggregation noise (sigma %.4g, L2 norm %.4g) added",
-                self.owner,
-                sigma,
-                l2,
-            )
-            self.log.injected(server_round, "aggregation", sigma, l2)
+            decoded = self._add_aggregation_noise(server_round, spec, decoded)
         name = first_non_finite(decoded)
         if name is not None:
             self.log.fail(
@@ -439,6 +429,29 @@ class NoiseRounds:
             )
             return None, metrics
         return (arrays if spec is None else encode(decoded)), metrics
+
+    def _add_aggregation_noise(
+        self, server_round: int, spec: NoiseSpec, arrays: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        # A huge aggregate may overflow: first_non_finite then fails the round.
+        with np.errstate(over="ignore", invalid="ignore"):
+            noisy, report = perturb_once(
+                arrays,
+                spec,
+                client=AGGREGATE_CLIENT,
+                server_round=server_round,
+                purpose="aggregation",
+            )
+        sigma = spec.sigma_at(server_round - 1)
+        log(
+            INFO,
+            "%s: aggregation noise (sigma %.4g, L2 norm %.4g) added",
+            self.owner,
+            sigma,
+            report.l2_norm,
+        )
+        self.log.injected(server_round, "aggregation", sigma, report.l2_norm)
+        return noisy
 
     def round_metrics(
         self,
