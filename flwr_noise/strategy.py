@@ -199,7 +199,7 @@ def _model_records(
     return targets
 
 
-def reply_view(reply: Message, weight_key: str | None, order: str) -> ReplyView:
+def _reply_view(reply: Message, weight_key: str | None, order: str) -> ReplyView:
     """Return what :class:`~flwr_noise.replies.ReplyScreen` checks of a reply.
 
     Parameters
@@ -483,7 +483,7 @@ class NoisyStrategy(NoiseWrapper, Strategy):
         views = [
             None
             if reply.has_error()
-            else reply_view(
+            else _reply_view(
                 reply, weight_key, str(self.client_key(reply.metadata.src_node_id))
             )
             for reply in replies
