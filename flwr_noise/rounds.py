@@ -365,7 +365,8 @@ class NoiseRounds:
         spec = self.specs["broadcast"]
         assert spec is not None
         pairs, mean_l2 = broadcast_copies(spec, server_round, targets, decode)
-        sigma = spec.sigma_at(server_round - 1)
+        sigma = self.sigma("broadcast", server_round)
+        assert sigma is not None
         self.log.injected(server_round, "broadcast", sigma, mean_l2)
         return pairs
 
@@ -442,7 +443,8 @@ class NoiseRounds:
                 server_round=server_round,
                 purpose="aggregation",
             )
-        sigma = spec.sigma_at(server_round - 1)
+        sigma = self.sigma("aggregation", server_round)
+        assert sigma is not None
         log(
             INFO,
             "%s: aggregation noise (sigma %.4g, L2 norm %.4g) added",
