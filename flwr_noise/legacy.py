@@ -220,6 +220,8 @@ class NoisyLegacyStrategy(NoiseWrapper, Strategy):
 
     """
 
+    _name = "NoisyLegacyStrategy"
+
     # pylint: disable=too-many-arguments
     def __init__(
         self,

@@ -473,6 +473,8 @@ class NoiseWrapper:
     core's (``self.core``), read-only.
     """
 
+    # The wrapper's name in logs and repr (also for subclasses).
+    _name: str
     strategy: Any
     client_key_fn: Callable[[Any], int | str] | None
     core: NoiseRounds
@@ -504,11 +506,11 @@ class NoiseWrapper:
             )
         self.strategy = strategy
         self.client_key_fn = client_key_fn
-        self.core = NoiseRounds(type(self).__name__, sender=sender, **specs)
+        self.core = NoiseRounds(self._name, sender=sender, **specs)
 
     def __repr__(self) -> str:
         """Return a string representation of the strategy."""
-        return f"{type(self).__name__}({self.strategy!r})"
+        return f"{self._name}({self.strategy!r})"
 
     local = property(lambda self: self.core.specs["local"], doc="The local spec.")
     broadcast = property(lambda self: self.core.specs["broadcast"])

@@ -389,6 +389,8 @@ class NoisyStrategy(NoiseWrapper, Strategy):
 
     """
 
+    _name = "NoisyStrategy"
+
     # pylint: disable=too-many-arguments
     def __init__(
         self,
