@@ -41,16 +41,9 @@ normalization statistics (names ending in ``running_mean``, ``running_var``,
 
 from __future__ import annotations
 
-import functools
-import json
-import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from logging import WARNING
-from typing import Any
 
 import numpy as np
-import torch
-from flwr.client import NumPyClient
 from flwr.common import (
     EvaluateIns,
     EvaluateRes,
@@ -65,89 +58,38 @@ from flwr.common import (
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
-from flwr.supercore import log
 
-from flwr_noise.mod import add_noise_once, server_round_of, spec_from_wire
+from flwr_noise.legacy_client import (
+    CLIENT_KEY_CONFIG_KEY,
+    NoisyNumPyClient,
+    spec_from_legacy_config,
+    spec_to_legacy_config,
+)
+from flwr_noise.replies import ReplyView, array_signature, metric_kind
 from flwr_noise.rounds import (
-    LOCAL_PREFIX,
-    LOCAL_START_STEP_KEY,
-    RECEIVED_PREFIX,
-    REPLIES_FAILED_KEY,
     SERVER_ROUND_KEY,
-    NoiseRounds,
-    NoiseRoundsView,
-    ReplyView,
-    array_signature,
-    metric_kind,
-    noise_metric_key,
+    NoiseWrapper,
+    measured_keys,
 )
 from flwr_noise.spec import NoiseSpec
-from flwr_noise.step_noise import StepNoise, noise_metrics
-from flwr_noise.validation import check_integer, is_real, not_allowed
+from flwr_noise.validation import not_allowed
 
-# A NumPyClient does not know its node id: the strategy sends each client the
-# key of its noise streams beside the local spec.
-CLIENT_KEY_CONFIG_KEY = "noise-client-key"
+__all__ = [
+    "CLIENT_KEY_CONFIG_KEY",
+    "NUMPY_TENSOR_TYPE",
+    "NoisyLegacyStrategy",
+    "NoisyNumPyClient",
+    "NoisyStrategy",
+    "spec_from_legacy_config",
+    "spec_to_legacy_config",
+]
+
 # The only serialization the server can decode to add noise and check replies.
 NUMPY_TENSOR_TYPE = "numpy.ndarray"
 # Client-reported metrics that the strategy averages into the round's metrics.
-_CLIENT_REPORTED_KEYS = (
-    noise_metric_key("local", "sigma"),
-    noise_metric_key("local", "l2"),
-)
-_WRAPPED_FIT_MARK = "__flwr_noise_local_noise__"
+_CLIENT_REPORTED_KEYS = measured_keys(("local",))
 
 ClientKeyFn = Callable[[ClientProxy], int | str]
-
-
-def _list_keys(prefix: str) -> list[str]:
-    """Keys of the spec entries that ``NoiseSpec.to_config`` writes as lists."""
-    defaults = NoiseSpec().to_config(prefix)
-    return [key for key, value in defaults.items() if isinstance(value, list)]
-
-
-def spec_to_legacy_config(
-    spec: NoiseSpec, prefix: str = LOCAL_PREFIX
-) -> dict[str, Scalar]:
-    """Return a spec as flat entries of a legacy ``FitIns`` config.
-
-    The legacy API only carries ``Scalar`` values (bool, bytes, float, int,
-    str), so the list entries of :meth:`NoiseSpec.to_config` (``include``,
-    ``exclude``) travel as JSON strings; everything else is unchanged.
-    """
-    return {
-        key: json.dumps(value) if isinstance(value, list) else value
-        for key, value in spec.to_config(prefix).items()
-    }
-
-
-def spec_from_legacy_config(
-    config: Mapping[str, Any], prefix: str = LOCAL_PREFIX
-) -> NoiseSpec:
-    """Build a spec from the entries written by :func:`spec_to_legacy_config`.
-
-    Raises
-    ------
-    ValueError
-        If an entry is missing or invalid (including a list entry that is not
-        a JSON list); the message names the full key.
-    TypeError
-        If an entry has the wrong type; the message names the full key.
-
-    """
-    record = dict(config)
-    for key in _list_keys(prefix):
-        value = record.get(key)
-        if not isinstance(value, str):
-            continue
-        try:
-            record[key] = json.loads(value)
-        except json.JSONDecodeError:
-            raise ValueError(
-                f"config[{key!r}]={value!r} is not allowed: expected a JSON list "
-                "of regular expressions, e.g. '[\"bias$\"]'"
-            ) from None
-    return spec_from_wire(record, prefix)
 
 
 def _decode(parameters: Parameters, what: str) -> NDArrays:
@@ -160,14 +102,42 @@ def _decode(parameters: Parameters, what: str) -> NDArrays:
     return parameters_to_ndarrays(parameters)
 
 
-def _weighted_mean(values: Sequence[tuple[int, float]]) -> float:
-    total = sum(weight for weight, _ in values)
-    if total <= 0:
-        return float(np.mean([value for _, value in values]))
-    return sum(weight * value for weight, value in values) / total
+def _checked_names(array_names: Iterable[str]) -> tuple[str, ...]:
+    expected = "a sequence of distinct str (e.g. list(model.state_dict())) or None"
+    if isinstance(array_names, str | bytes) or not isinstance(array_names, Iterable):
+        raise not_allowed("array_names", array_names, expected, TypeError)
+    names = tuple(array_names)
+    if not all(isinstance(name, str) for name in names):
+        raise not_allowed("array_names", array_names, expected, TypeError)
+    if len(set(names)) != len(names):
+        raise not_allowed("array_names", array_names, expected)
+    return names
 
 
-class NoisyLegacyStrategy(NoiseRoundsView, Strategy):
+def _fit_res_view(
+    client: ClientProxy,
+    fit_res: FitRes,
+    order: str,
+    decode: Callable[[Parameters], Mapping[str, np.ndarray]],
+) -> ReplyView:
+    """Return what :class:`~flwr_noise.replies.ReplyScreen` checks of a FitRes."""
+    metrics = fit_res.metrics if isinstance(fit_res.metrics, Mapping) else {}
+    return ReplyView(
+        node=client.cid,
+        order=order,
+        decode=lambda: decode(fit_res.parameters),
+        weight=fit_res.num_examples,
+        weight_label="num_examples",
+        structure=tuple(
+            sorted((str(key), metric_kind(value)) for key, value in metrics.items())
+        ),
+        problem=None
+        if isinstance(fit_res.metrics, Mapping)
+        else "its metrics are not a mapping",
+    )
+
+
+class NoisyLegacyStrategy(NoiseWrapper, Strategy):
     """Legacy-API strategy wrapper that injects weight noise into training.
 
     Wraps any ``flwr.server.strategy.Strategy`` and delegates everything to it;
@@ -188,16 +158,13 @@ class NoisyLegacyStrategy(NoiseRoundsView, Strategy):
     its own ``FitIns``: the wrapped strategy's configs and parameters are
     never modified.
 
-    Replies: a ``FitRes`` from a client that was not configured this round,
-    or sent twice, whose ``num_examples`` is not a finite number in (0,
-    2**53], whose parameters do not decode to the number, dtypes and shapes
-    of arrays sent, hold NaN or Inf, or whose metric keys or value types
-    differ from most others', is dropped (removed from ``results``) with a
-    WARNING naming the client, before the wrapped ``aggregate_fit`` runs.
-    ``failures`` are passed through as they are. If the wrapped aggregation
-    raises, or the model after aggregation noise is not finite, the round
-    returns no parameters (Flower keeps the previous model) with
-    ``round-failed = 1``.
+    Replies: a ``FitRes`` that :class:`flwr_noise.replies.ReplyScreen`
+    refuses (``num_examples`` is its weight) is dropped (removed from
+    ``results``) with a WARNING naming the client, before the wrapped
+    ``aggregate_fit`` runs; ``failures`` are passed through as they are. If
+    the wrapped aggregation raises, or the model after aggregation noise is
+    not finite, the round returns no parameters (Flower keeps the previous
+    model) with ``round-failed = 1``.
 
     Metrics: when any spec is on (or a result was dropped, or the round
     failed), the round's fit metrics get ``noise-<kind>-sigma`` /
@@ -253,6 +220,8 @@ class NoisyLegacyStrategy(NoiseRoundsView, Strategy):
 
     """
 
+    _name = "NoisyLegacyStrategy"
+
     # pylint: disable=too-many-arguments
     def __init__(
         self,
@@ -267,26 +236,11 @@ class NoisyLegacyStrategy(NoiseRoundsView, Strategy):
         local_steps: int | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(strategy, Strategy):
-            raise not_allowed(
-                "strategy",
-                strategy,
-                "an instance of flwr.server.strategy.Strategy",
-                TypeError,
-            )
-        if client_key_fn is not None and not callable(client_key_fn):
-            raise not_allowed(
-                "client_key_fn",
-                client_key_fn,
-                "a callable ClientProxy -> int | str, or None",
-                TypeError,
-            )
-        names = None if array_names is None else self._checked_names(array_names)
-        self.strategy = strategy
-        self.client_key_fn = client_key_fn
-        self.array_names: tuple[str, ...] | None = names
-        self.core = NoiseRounds(
-            "NoisyLegacyStrategy",
+        self._wrap(
+            strategy,
+            (Strategy, "flwr.server.strategy.Strategy"),
+            client_key_fn,
+            "a callable ClientProxy -> int | str, or None",
             sender="client",
             local=local,
             broadcast=broadcast,
@@ -295,24 +249,9 @@ class NoisyLegacyStrategy(NoiseRoundsView, Strategy):
             received=received,
             local_steps=local_steps,
         )
-
-    def __repr__(self) -> str:
-        """Return a string representation of the strategy."""
-        return f"NoisyLegacyStrategy({self.strategy!r})"
-
-    @staticmethod
-    def _checked_names(array_names: Iterable[str]) -> tuple[str, ...]:
-        expected = "a sequence of distinct str (e.g. list(model.state_dict())) or None"
-        if isinstance(array_names, str | bytes) or not isinstance(
-            array_names, Iterable
-        ):
-            raise not_allowed("array_names", array_names, expected, TypeError)
-        names = tuple(array_names)
-        if not all(isinstance(name, str) for name in names):
-            raise not_allowed("array_names", array_names, expected, TypeError)
-        if len(set(names)) != len(names):
-            raise not_allowed("array_names", array_names, expected)
-        return names
+        self.array_names: tuple[str, ...] | None = (
+            None if array_names is None else _checked_names(array_names)
+        )
 
     def client_key(self, client: ClientProxy) -> int | str:
         """Return the client key of the noise streams of ``client``."""
@@ -320,8 +259,12 @@ class NoisyLegacyStrategy(NoiseRoundsView, Strategy):
             return client.cid
         return self.client_key_fn(client)
 
-    def _named(self, arrays: NDArrays) -> dict[str, np.ndarray]:
-        """Return ``arrays`` as a name -> array dict (see ``array_names``)."""
+    def _arrays(self, parameters: Parameters, what: str) -> dict[str, np.ndarray]:
+        """Decode ``parameters`` (called ``what`` in errors) as name -> array.
+
+        The names are ``array_names``, else ``arr_0``, ``arr_1``, ... .
+        """
+        arrays = _decode(parameters, what)
         if self.array_names is None:
             return {f"arr_{index}": array for index, array in enumerate(arrays)}
         if len(self.array_names) != len(arrays):
@@ -343,35 +286,36 @@ class NoisyLegacyStrategy(NoiseRoundsView, Strategy):
         instructions = self.strategy.configure_fit(
             server_round, parameters, client_manager
         )
-        global_arrays = self._named(_decode(parameters, "parameters"))
+        global_arrays = self._arrays(parameters, "parameters")
         self.core.start_round(
             server_round,
             array_signature(global_arrays),
             {client.cid: str for client, _ in instructions},
         )
-        entries: dict[str, Scalar] = {SERVER_ROUND_KEY: server_round}
-        for prefix, spec in self.core.client_specs().items():
-            entries.update(spec_to_legacy_config(spec, prefix))
-        entries.update(self.core.round_entries(server_round))  # type: ignore[arg-type]
-
+        # Legacy strategies do not send the round; the clients need it.
+        entries: dict[str, Scalar] = {
+            SERVER_ROUND_KEY: server_round,
+            **self.core.client_config(server_round, spec_to_legacy_config),
+        }
         fit_parameters = [fit_ins.parameters for _, fit_ins in instructions]
         if self.broadcast is not None:
-            # Strategies share one Parameters among the clients: decode it once.
-            decoded = {id(parameters): global_arrays}
-            for params in fit_parameters:
-                if id(params) not in decoded:
-                    decoded[id(params)] = self._named(_decode(params, "FitIns"))
             copies = self.core.perturb_broadcast(
                 server_round,
                 [
-                    (self.client_key(client), decoded[id(params)])
+                    (self.client_key(client), params)
                     for (client, _), params in zip(
                         instructions, fit_parameters, strict=True
                     )
                 ],
+                # Strategies share the global Parameters among the clients.
+                lambda params: (
+                    global_arrays
+                    if params is parameters
+                    else self._arrays(params, "FitIns")
+                ),
             )
             fit_parameters = [
-                ndarrays_to_parameters(list(copy.values())) for copy in copies
+                ndarrays_to_parameters(list(copy.values())) for _, copy in copies
             ]
         configured: list[tuple[ClientProxy, FitIns]] = []
         for (client, fit_ins), params in zip(instructions, fit_parameters, strict=True):
@@ -381,23 +325,6 @@ class NoisyLegacyStrategy(NoiseRoundsView, Strategy):
             configured.append((client, FitIns(params, config)))
         return configured
 
-    def _view(self, client: ClientProxy, fit_res: FitRes) -> ReplyView:
-        """Return what the core checks of one FitRes."""
-        metrics = fit_res.metrics if isinstance(fit_res.metrics, Mapping) else {}
-        return ReplyView(
-            node=client.cid,
-            order=str(self.client_key(client)),
-            decode=lambda: self._named(_decode(fit_res.parameters, "FitRes")),
-            weight=fit_res.num_examples,
-            weight_label="num_examples",
-            structure=tuple(
-                sorted((str(key), metric_kind(value)) for key, value in metrics.items())
-            ),
-            problem=None
-            if isinstance(fit_res.metrics, Mapping)
-            else "its metrics are not a mapping",
-        )
-
     def aggregate_fit(
         self,
         server_round: int,
@@ -405,26 +332,31 @@ class NoisyLegacyStrategy(NoiseRoundsView, Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Aggregate the valid results, then add the aggregation noise."""
-        views = [self._view(client, fit_res) for client, fit_res in results]
-        kept = [results[index] for index in self.core.screen(server_round, views)]
-        parameters, metrics, noisy = self.core.aggregate(
+        views = [
+            _fit_res_view(
+                client,
+                fit_res,
+                str(self.client_key(client)),
+                lambda params: self._arrays(params, "FitRes"),
+            )
+            for client, fit_res in results
+        ]
+        failed = len(failures)
+        kept = [
+            results[index] for index in self.core.screen(server_round, views, failed)
+        ]
+        parameters, metrics = self.core.aggregate(
             server_round,
             lambda: self.strategy.aggregate_fit(server_round, kept, failures),
-            lambda params: self._named(_decode(params, "aggregated parameters")),
+            lambda params: self._arrays(params, "aggregated parameters"),
+            lambda noisy: ndarrays_to_parameters(list(noisy.values())),
         )
-        if parameters is not None and noisy is not None:
-            parameters = ndarrays_to_parameters(list(noisy.values()))
-
-        round_info = self.core.round_noise[server_round]
-        round_info[REPLIES_FAILED_KEY] = len(failures)
-        for key in _CLIENT_REPORTED_KEYS:
-            reported = [
-                (fit_res.num_examples, float(fit_res.metrics[key]))
-                for _, fit_res in kept
-                if is_real(fit_res.metrics.get(key))
-            ]
-            if self.local is not None and reported:
-                round_info[key] = _weighted_mean(reported)
+        if self.local is not None:
+            self.core.log.average_reported(
+                server_round,
+                [(fit_res.num_examples, fit_res.metrics) for _, fit_res in kept],
+                _CLIENT_REPORTED_KEYS,
+            )
         merged = self.core.round_metrics(server_round, metrics, _CLIENT_REPORTED_KEYS)
         if merged is not None:
             return parameters, merged
@@ -455,256 +387,3 @@ class NoisyLegacyStrategy(NoiseRoundsView, Strategy):
 
 
 NoisyStrategy = NoisyLegacyStrategy
-
-
-def _with_metrics(result: Any, added: Mapping[str, float | int]) -> Any:
-    """Return a ``fit`` result with ``added`` in its metrics (if it has any)."""
-    if added and isinstance(result, tuple) and len(result) == 3:
-        new_parameters, num_examples, metrics = result
-        if isinstance(metrics, dict):
-            return new_parameters, num_examples, {**metrics, **added}
-    return result
-
-
-def _state_arrays(model: Any) -> list[np.ndarray] | None:
-    if not isinstance(model, torch.nn.Module):
-        return None
-    return [
-        value.detach().cpu().numpy().copy() for value in model.state_dict().values()
-    ]
-
-
-def _without_pending_draw(
-    result: Any, with_pending: list[np.ndarray], model: torch.nn.Module
-) -> Any:
-    """Return ``fit``'s result without the anticorrelated draw it was taken with.
-
-    ``fit`` usually returns the model's ``state_dict`` arrays, taken while the
-    last draw was still in the weights; leaving the session removed it from the
-    model. A returned array equal to the model's array of the same position
-    before that removal is replaced by the array after it.
-    """
-    clean = _state_arrays(model)
-    if clean is None or not (isinstance(result, tuple) and len(result) == 3):
-        return result
-    returned, num_examples, metrics = result
-    if not isinstance(returned, list):
-        return result
-    cleaned = list(returned)
-    for index, (pending, after) in enumerate(zip(with_pending, clean, strict=True)):
-        if index >= len(cleaned):
-            break
-        array = cleaned[index]
-        if (
-            isinstance(array, np.ndarray)
-            and array.shape == pending.shape
-            and np.array_equal(array, pending)
-        ):
-            cleaned[index] = after.astype(array.dtype, copy=False)
-    return cleaned, num_examples, metrics
-
-
-def _fit_with_local_noise(fit: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a ``NumPyClient.fit`` so that it trains with the server's noise."""
-
-    @functools.wraps(fit)
-    def fit_with_local_noise(
-        self: NoisyNumPyClient, parameters: NDArrays, config: dict[str, Scalar]
-    ) -> Any:
-        # A subclass's fit calling super().fit() is already inside a session.
-        if self._local_noise_active:
-            return fit(self, parameters, config)
-        parameters, added = self._received_noise(parameters, config)
-        spec = (
-            spec_from_legacy_config(config)
-            if NoiseSpec.in_config(config, LOCAL_PREFIX)
-            else None
-        )
-        if spec is None or not spec.enabled:
-            return _with_metrics(fit(self, parameters, config), added)
-        server_round = server_round_of(config)
-        step_noise = StepNoise(
-            lambda: self.model,
-            spec,
-            client=self._noise_client_key(config),
-            server_round=server_round,
-            start_step=self._local_start_step(config, server_round),
-            model_label=f"{type(self).__name__}.model",
-        )
-        anticorrelated = getattr(spec, "correlation", None) == "anticorrelated"
-        self._local_noise_active = True
-        try:
-            with step_noise:
-                result = fit(self, parameters, config)
-                with_pending = _state_arrays(self.model) if anticorrelated else None
-        finally:
-            self._local_noise_active = False
-        if with_pending is not None:
-            result = _without_pending_draw(result, with_pending, self.model)
-        if step_noise.report().applications == 0:
-            log(
-                WARNING,
-                "%s.fit: no optimizer stepped the parameters of self.model, so no "
-                "local noise was added",
-                type(self).__name__,
-            )
-        return _with_metrics(result, {**added, **step_noise.metrics()})
-
-    setattr(fit_with_local_noise, _WRAPPED_FIT_MARK, True)
-    return fit_with_local_noise
-
-
-class NoisyNumPyClient(NumPyClient):
-    """A ``NumPyClient`` whose ``fit`` trains with the server-sent local noise.
-
-    To adopt it, change a client's base class from ``NumPyClient`` to
-    ``NoisyNumPyClient`` and set ``self.model`` to the ``torch.nn.Module``
-    that ``fit`` trains; ``fit`` itself stays as it is. When the fit config
-    holds a local spec (sent by :class:`NoisyLegacyStrategy` under
-    ``noise.local.``), every optimizer step on the model's parameters during
-    ``fit`` is followed by one application of the noise
-    (:class:`flwr_noise.WeightNoise`), whatever optimizer and training loop
-    ``fit`` uses: a global optimizer step hook is registered for the duration
-    of ``fit`` only and acts only on optimizers that hold parameters of
-    ``self.model``. The fit metrics then get ``noise-local-sigma`` (the last
-    application's sigma), ``noise-local-l2`` (L2 norm of all the noise added)
-    and ``noise-local-applications``. Without a spec, or with a disabled one,
-    ``fit`` runs unchanged. A ``received`` spec (under ``noise.received.``)
-    is added once to the ``parameters`` that ``fit`` gets (arrays named after
-    ``self.model.state_dict()`` when the counts match, else ``arr_<i>``), and
-    reported as ``noise-received-sigma``, ``-l2``, ``-applications``. The
-    local ``"step"`` schedule starts at the ``noise.local.start-step`` the
-    server sends, else at ``(server_round - 1) * local_steps``.
-
-    This works by wrapping the ``fit`` that a subclass defines when the
-    subclass is created; ``evaluate`` and the other methods are untouched.
-
-    Client key of the noise stream: ``partition_id`` when set (stable across
-    runs), else the ``noise-client-key`` the strategy sent (its
-    ``client_key_fn``, by default the client's cid, which changes between
-    runs).
-
-    Parameters
-    ----------
-    model : torch.nn.Module | None (default: None)
-        The model ``fit`` trains; may also be assigned to ``self.model``
-        directly (e.g. without calling this constructor), at the latest in
-        ``fit`` before the first optimizer step.
-    partition_id : int | str | None (default: None)
-        This client's partition id, e.g. ``context.node_config["partition-id"]``;
-        also settable as ``self.partition_id``.
-    local_steps : int | None (default: None)
-        Optimizer steps per round. With it a ``"step"`` noise schedule
-        continues across rounds (``start_step = (server_round - 1) *
-        local_steps``); without it the schedule restarts every round, because
-        a ``NumPyClient`` keeps no state between rounds.
-
-    Examples
-    --------
-    ::
-
-        class FlowerClient(NoisyNumPyClient):
-            def __init__(self, model, trainloader, partition_id):
-                super().__init__(model, partition_id=partition_id)
-                self.trainloader = trainloader
-
-            def fit(self, parameters, config):
-                set_weights(self.model, parameters)
-                train(self.model, self.trainloader)  # builds its own optimizer
-                return get_weights(self.model), len(self.trainloader.dataset), {}
-
-
-        def client_fn(context):
-            partition_id = context.node_config["partition-id"]
-            client = FlowerClient(Net(), load_data(partition_id), partition_id)
-            return client.to_client()
-
-    """
-
-    model: torch.nn.Module | None = None
-    partition_id: int | str | None = None
-    local_steps: int | None = None
-    _local_noise_active: bool = False
-
-    def __init__(
-        self,
-        model: torch.nn.Module | None = None,
-        *,
-        partition_id: int | str | None = None,
-        local_steps: int | None = None,
-    ) -> None:
-        super().__init__()
-        if model is not None and not isinstance(model, torch.nn.Module):
-            raise TypeError(
-                f"model={model!r} is not allowed: expected a torch.nn.Module or None"
-            )
-        if local_steps is not None and (
-            not isinstance(local_steps, numbers.Integral)
-            or isinstance(local_steps, bool)
-            or local_steps < 1
-        ):
-            raise ValueError(
-                f"local_steps={local_steps!r} is not allowed: expected an int >= 1 "
-                "or None"
-            )
-        # Only assign what was given: a subclass may have set them already.
-        if model is not None:
-            self.model = model
-        if partition_id is not None:
-            self.partition_id = partition_id
-        if local_steps is not None:
-            self.local_steps = int(local_steps)
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        """Wrap the ``fit`` a subclass defines so that it applies the local noise."""
-        super().__init_subclass__(**kwargs)
-        fit = cls.__dict__.get("fit")
-        if callable(fit) and not getattr(fit, _WRAPPED_FIT_MARK, False):
-            cls.fit = _fit_with_local_noise(fit)  # type: ignore[method-assign]
-
-    def _received_noise(
-        self, parameters: NDArrays, config: Mapping[str, Any]
-    ) -> tuple[NDArrays, dict[str, float | int]]:
-        """Return ``parameters`` with the server's ``received`` noise, and its metrics.
-
-        Arrays are named after ``self.model.state_dict()`` when it has one
-        entry per array (as the strategy's ``array_names``), else ``arr_0``,
-        ``arr_1``, ... .
-        """
-        if not NoiseSpec.in_config(config, RECEIVED_PREFIX):
-            return parameters, {}
-        spec = spec_from_legacy_config(config, RECEIVED_PREFIX)
-        if not spec.enabled:
-            return parameters, {}
-        names = [f"arr_{index}" for index in range(len(parameters))]
-        if isinstance(self.model, torch.nn.Module):
-            state_names = list(self.model.state_dict())
-            if len(state_names) == len(parameters):
-                names = state_names
-        perturbed, report = add_noise_once(
-            dict(zip(names, parameters, strict=True)),
-            spec,
-            kind="received",
-            client=self._noise_client_key(config),
-            server_round=server_round_of(config),
-        )
-        return list(perturbed.values()), noise_metrics(report, "noise-received")
-
-    def _local_start_step(self, config: Mapping[str, Any], server_round: int) -> int:
-        """Return the schedule time of this round's first local step."""
-        if LOCAL_START_STEP_KEY in config:
-            return check_integer(
-                f"config[{LOCAL_START_STEP_KEY!r}]", config[LOCAL_START_STEP_KEY], low=0
-            )
-        return max(server_round - 1, 0) * (self.local_steps or 0)
-
-    def _noise_client_key(self, config: Mapping[str, Any]) -> int | str:
-        if self.partition_id is not None:
-            return self.partition_id
-        if CLIENT_KEY_CONFIG_KEY in config:
-            return config[CLIENT_KEY_CONFIG_KEY]
-        raise ValueError(
-            f"{type(self).__name__} has no client key for its noise stream: set "
-            "partition_id (e.g. context.node_config['partition-id']) or let "
-            f"NoisyLegacyStrategy send {CLIENT_KEY_CONFIG_KEY!r} in the fit config"
-        )

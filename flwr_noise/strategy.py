@@ -26,10 +26,17 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from flwr_noise.replies import (
+    NO_WEIGHT,
+    ArraySignature,
+    ReplyView,
+    first_non_finite,
+    metric_kind,
+    signature_mismatch,
+)
 from flwr_noise.rounds import (
     LOCAL_PREFIX,
     LOCAL_START_STEP_KEY,
-    NO_WEIGHT,
     RECEIVED_PREFIX,
     REPLIES_DROPPED_KEY,
     REPLIES_FAILED_KEY,
@@ -37,20 +44,14 @@ from flwr_noise.rounds import (
     ROUND_FAILED_KEY,
     SERVER_ROUND_KEY,
     UPDATE_PREFIX,
-    ArraySignature,
-    NoiseRounds,
-    NoiseRoundsView,
-    ReplyView,
+    NoiseWrapper,
     enabled_or_none,
-    first_non_finite,
-    metric_kind,
+    measured_keys,
     noise_metric_key,
     noise_metric_prefix,
-    signature_mismatch,
 )
 from flwr_noise.sampling import NoiseReport, perturb_arrays
-from flwr_noise.spec import ConfigValue, NoiseSpec
-from flwr_noise.validation import not_allowed
+from flwr_noise.spec import NoiseSpec
 
 __all__ = [
     "LOCAL_PREFIX",
@@ -75,11 +76,7 @@ __all__ = [
 ]
 
 # Measured by the clients when they report them; else the server's nominal sigma.
-_CLIENT_REPORTED_KEYS = tuple(
-    noise_metric_key(kind, quantity)
-    for kind in ("local", "update", "received")
-    for quantity in ("sigma", "l2")
-)
+_CLIENT_REPORTED_KEYS = measured_keys(("local", "update", "received"))
 
 
 def find_record_key(
@@ -179,6 +176,83 @@ def _declared_signature(record: ArrayRecord) -> ArraySignature:
     return {name: (tuple(array.shape), array.dtype) for name, array in record.items()}
 
 
+def _model_records(
+    messages: Iterable[Message], preferred: str | None
+) -> list[tuple[RecordDict, str, ArrayRecord]]:
+    """Return each message's own copy of its content, and the model's key and record.
+
+    FedAvg shares one RecordDict among all messages: the shared one is never
+    modified.
+    """
+    targets = []
+    for message in messages:
+        content = RecordDict(dict(message.content.items()))
+        key = find_record_key(content, ArrayRecord, preferred)
+        if key is None:
+            raise ValueError(
+                f"the train message to node {message.metadata.dst_node_id} "
+                "holds no ArrayRecord: broadcast noise needs the model in it"
+            )
+        record = content[key]
+        assert isinstance(record, ArrayRecord)
+        targets.append((content, key, record))
+    return targets
+
+
+def _reply_view(reply: Message, weight_key: str | None, order: str) -> ReplyView:
+    """Return what :class:`~flwr_noise.replies.ReplyScreen` checks of a reply.
+
+    Parameters
+    ----------
+    reply : Message
+        A non-error train reply.
+    weight_key : str | None
+        The wrapped strategy's ``weighted_by_key`` (``None``: it weights
+        replies by nothing).
+    order : str
+        The sender's client key, as a str.
+
+    Returns
+    -------
+    ReplyView
+        Its ArrayRecord (exactly one expected) and weight (one MetricRecord
+        expected when ``weight_key`` is set), and its structure: record keys,
+        metric keys and the kinds of their values.
+
+    """
+    array_records = reply.content.array_records
+    metric_records = reply.content.metric_records
+    problem = None
+    weight: Any = NO_WEIGHT
+    if len(array_records) != 1:
+        problem = f"it holds {len(array_records)} ArrayRecords: expected one"
+    elif weight_key is not None:
+        if len(metric_records) != 1:
+            problem = (
+                f"it holds {len(metric_records)} MetricRecords: expected one "
+                f"with {weight_key!r}"
+            )
+        else:
+            weight = next(iter(metric_records.values())).get(weight_key)
+    structure = (
+        tuple(sorted(array_records)),
+        tuple(
+            (key, tuple(sorted((name, metric_kind(v)) for name, v in rec.items())))
+            for key, rec in sorted(metric_records.items())
+        ),
+    )
+    return ReplyView(
+        node=reply.metadata.src_node_id,
+        order=order,
+        decode=lambda: decode_arrays(next(iter(array_records.values()))),
+        weight=weight,
+        weight_label=str(weight_key),
+        structure=structure,
+        problem=problem,
+        reply_to=reply.metadata.reply_to_message_id,
+    )
+
+
 class _ClientKeyOrderedGrid(Grid):
     """A Grid that lists its nodes in client-key order; all else is the grid's.
 
@@ -217,7 +291,7 @@ class _ClientKeyOrderedGrid(Grid):
 _ClientKeyOrderedGrid.__abstractmethods__ = frozenset()
 
 
-class NoisyStrategy(NoiseRoundsView, Strategy):
+class NoisyStrategy(NoiseWrapper, Strategy):
     """Strategy wrapper that injects weight noise into federated training.
 
     Wraps any ``flwr.serverapp.strategy.Strategy`` (FedAvg, FedAdam, FedProx,
@@ -226,23 +300,6 @@ class NoisyStrategy(NoiseRoundsView, Strategy):
     Evaluation is delegated untouched. A spec that is ``None`` or disabled
     (``std == 0``) is off; with every spec off the wrapper changes neither the
     messages nor the metrics (it still drops broken replies, see below).
-
-    Where each kind of noise is added, and what its schedule time ``t`` counts:
-
-    - ``local``: sent to the clients in the train config (under
-      ``noise.local.``), applied after every local optimizer step
-      (:func:`flwr_noise.weight_noise`, :func:`flwr_noise.weight_noise_mod`).
-      ``t`` counts steps (``schedule_unit="step"``) or ``server_round - 1``
-      (``"round"``). With ``local_steps`` the config also carries
-      ``noise.local.start-step = (server_round - 1) * local_steps``, where a
-      client's step schedule continues.
-    - ``received``: sent under ``noise.received.``; the client's
-      ``weight_noise_mod`` adds it once to the model it receives.
-    - ``update``: sent under ``noise.update.``; ``weight_noise_mod`` adds it
-      once to the model a client sends back.
-    - ``broadcast``: each selected client receives its own, independently
-      perturbed copy of the global model.
-    - ``aggregation``: added once to the aggregate.
 
     ``broadcast``, ``aggregation``, ``received`` and ``update`` are applied
     once per round, so for them one step is one round: ``t = server_round -
@@ -260,18 +317,15 @@ class NoisyStrategy(NoiseRoundsView, Strategy):
     replies are averaged in that order. ``received`` noise is drawn by the
     client with its partition id as key, so it is reproducible without it.
 
-    Replies are checked on what they carry. A reply is dropped, with one
+    Replies are checked on what they carry: a reply is dropped, with one
     WARNING naming the node and the reason, and counted in
-    ``replies-dropped``, when: its node was not asked this round, or replied
-    more than once (all its replies are dropped); it does not hold exactly one
-    ArrayRecord (and, for a strategy that weights replies, one MetricRecord);
-    its weight (the wrapped strategy's ``weighted_by_key``, ``num-examples``
-    for FedAvg) is not a finite number in (0, 2**53]; an array fails to
-    decode, or decodes to another dtype or shape than the one sent, or holds
-    NaN or Inf; its record keys, metric keys or the kinds of its metric values
-    differ from those most replies share (a tie goes to the previous round's,
-    else to the reply first in client-key order). Error replies go to the
-    wrapped strategy untouched.
+    ``replies-dropped``, when its node was not asked or replied twice, it does
+    not hold exactly one ArrayRecord (and, for a strategy that weights
+    replies, one MetricRecord), its weight (``weighted_by_key``) is not a
+    finite number in (0, 2**53], its arrays do not decode to the dtypes and
+    shapes sent or are not finite, or its keys differ from most replies'
+    (the rules: :class:`flwr_noise.replies.ReplyScreen`). Error replies go
+    to the wrapped strategy untouched.
 
     A round never fails the run: if the wrapped aggregation raises, or the
     model (after aggregation noise) is not finite, ``aggregate_train``
@@ -294,16 +348,24 @@ class NoisyStrategy(NoiseRoundsView, Strategy):
     strategy : Strategy
         The strategy to wrap.
     local : NoiseSpec | None (default: None)
-        Noise the clients add after every local optimizer step.
+        Sent to the clients in the train config (under ``noise.local.``),
+        applied after every local optimizer step (:func:`flwr_noise.weight_noise`,
+        :func:`flwr_noise.weight_noise_mod`). ``t`` counts steps
+        (``schedule_unit="step"``) or ``server_round - 1`` (``"round"``).
+        With ``local_steps`` the config also carries ``noise.local.start-step
+        = (server_round - 1) * local_steps``, where a client's step schedule
+        continues.
     broadcast : NoiseSpec | None (default: None)
-        Noise on each client's copy of the global model, added by the server.
+        Each selected client receives its own copy of the global model,
+        independently perturbed by the server.
     aggregation : NoiseSpec | None (default: None)
-        Noise on the aggregated model.
+        Added once to the aggregated model.
     update : NoiseSpec | None (default: None)
-        Noise the clients' ``weight_noise_mod`` adds to the model they send back.
+        Sent under ``noise.update.``; the clients' ``weight_noise_mod`` adds
+        it once to the model they send back.
     received : NoiseSpec | None (default: None)
-        Noise the clients' ``weight_noise_mod`` adds once to the model they
-        receive.
+        Sent under ``noise.received.``; the clients' ``weight_noise_mod`` adds
+        it once to the model they receive.
     client_key_fn : Callable[[int], int | str] | None (default: None)
         Maps a node id to the client key of its noise streams (e.g. its
         partition id, stable across runs); ``None`` uses the node id. When
@@ -327,6 +389,8 @@ class NoisyStrategy(NoiseRoundsView, Strategy):
 
     """
 
+    _name = "NoisyStrategy"
+
     # pylint: disable=too-many-arguments
     def __init__(
         self,
@@ -341,24 +405,11 @@ class NoisyStrategy(NoiseRoundsView, Strategy):
         local_steps: int | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(strategy, Strategy):
-            raise not_allowed(
-                "strategy",
-                strategy,
-                "an instance of flwr.serverapp.strategy.Strategy",
-                TypeError,
-            )
-        if client_key_fn is not None and not callable(client_key_fn):
-            raise not_allowed(
-                "client_key_fn",
-                client_key_fn,
-                "a callable node id -> int | str, or None",
-                TypeError,
-            )
-        self.strategy = strategy
-        self.client_key_fn = client_key_fn
-        self.core = NoiseRounds(
-            "NoisyStrategy",
+        self._wrap(
+            strategy,
+            (Strategy, "flwr.serverapp.strategy.Strategy"),
+            client_key_fn,
+            "a callable node id -> int | str, or None",
             local=local,
             broadcast=broadcast,
             aggregation=aggregation,
@@ -366,10 +417,6 @@ class NoisyStrategy(NoiseRoundsView, Strategy):
             received=received,
             local_steps=local_steps,
         )
-
-    def __repr__(self) -> str:
-        """Return a string representation of the strategy."""
-        return f"NoisyStrategy({self.strategy!r})"
 
     def summary(self) -> None:
         """Log summary configuration of the strategy."""
@@ -386,10 +433,9 @@ class NoisyStrategy(NoiseRoundsView, Strategy):
         """Configure the next round of training, with each client's noise."""
         if self.client_key_fn is not None:
             grid = _ClientKeyOrderedGrid(grid, self.client_key)
-        entries: dict[str, ConfigValue] = {}
-        for prefix, spec in self.core.client_specs().items():
-            entries.update(spec.to_config(prefix))
-        entries.update(self.core.round_entries(server_round))
+        entries = self.core.client_config(
+            server_round, lambda spec, prefix: spec.to_config(prefix)
+        )
         if entries:
             # A copy: the caller's config (Strategy.start reuses it) stays clean.
             config = ConfigRecord({**dict(config), **entries})
@@ -411,72 +457,22 @@ class NoisyStrategy(NoiseRoundsView, Strategy):
         return messages
 
     def _perturb_broadcast(self, server_round: int, messages: list[Message]) -> None:
-        preferred = getattr(self.strategy, "arrayrecord_key", None)
-        targets: list[tuple[Message, RecordDict, str, ArrayRecord]] = []
-        decoded: dict[int, dict[str, np.ndarray]] = {}
-        for message in messages:
-            # FedAvg shares one RecordDict among all messages: each message
-            # gets its own copy, the shared one is never modified.
-            content = RecordDict(dict(message.content.items()))
-            key = find_record_key(content, ArrayRecord, preferred)
-            if key is None:
-                raise ValueError(
-                    f"the train message to node {message.metadata.dst_node_id} "
-                    "holds no ArrayRecord: broadcast noise needs the model in it"
-                )
-            record = content[key]
-            assert isinstance(record, ArrayRecord)
-            if id(record) not in decoded:
-                decoded[id(record)] = decode_arrays(record)
-            targets.append((message, content, key, record))
+        targets = _model_records(
+            messages, getattr(self.strategy, "arrayrecord_key", None)
+        )
         copies = self.core.perturb_broadcast(
             server_round,
             [
-                (self.client_key(message.metadata.dst_node_id), decoded[id(record)])
-                for message, _, _, record in targets
+                (self.client_key(message.metadata.dst_node_id), record)
+                for message, (_, _, record) in zip(messages, targets, strict=True)
             ],
+            decode_arrays,
         )
-        for (message, content, key, record), copy in zip(targets, copies, strict=True):
-            content[key] = _encode_like(record, decoded[id(record)], copy)
+        for message, (content, key, record), (decoded, copy) in zip(
+            messages, targets, copies, strict=True
+        ):
+            content[key] = _encode_like(record, decoded, copy)
             message.content = content
-
-    def _view(self, reply: Message) -> ReplyView:
-        """Return what the core checks of one non-error reply."""
-        content = reply.content
-        array_records = content.array_records
-        metric_records = content.metric_records
-        weight_key = getattr(self.strategy, "weighted_by_key", None)
-        problem = None
-        weight: Any = NO_WEIGHT
-        if len(array_records) != 1:
-            problem = f"it holds {len(array_records)} ArrayRecords: expected one"
-        elif weight_key is not None:
-            if len(metric_records) != 1:
-                problem = (
-                    f"it holds {len(metric_records)} MetricRecords: expected one "
-                    f"with {weight_key!r}"
-                )
-            else:
-                metrics = next(iter(metric_records.values()))
-                weight = metrics.get(weight_key)
-        structure = (
-            tuple(sorted(array_records)),
-            tuple(
-                (key, tuple(sorted((name, metric_kind(v)) for name, v in rec.items())))
-                for key, rec in sorted(metric_records.items())
-            ),
-        )
-        node = reply.metadata.src_node_id
-        return ReplyView(
-            node=node,
-            order=str(self.client_key(node)),
-            decode=lambda: decode_arrays(next(iter(array_records.values()))),
-            weight=weight,
-            weight_label=str(weight_key),
-            structure=structure,
-            problem=problem,
-            reply_to=reply.metadata.reply_to_message_id,
-        )
 
     def aggregate_train(
         self,
@@ -485,7 +481,15 @@ class NoisyStrategy(NoiseRoundsView, Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the valid replies, then add the aggregation noise."""
         replies = list(replies)
-        views = [None if reply.has_error() else self._view(reply) for reply in replies]
+        weight_key = getattr(self.strategy, "weighted_by_key", None)
+        views = [
+            None
+            if reply.has_error()
+            else _reply_view(
+                reply, weight_key, str(self.client_key(reply.metadata.src_node_id))
+            )
+            for reply in replies
+        ]
         kept = [replies[index] for index in self.core.screen(server_round, views)]
         if self.client_key_fn is not None:
             # Replies arrive in completion order; averaging them in client-key
@@ -493,13 +497,14 @@ class NoisyStrategy(NoiseRoundsView, Strategy):
             kept.sort(
                 key=lambda reply: str(self.client_key(reply.metadata.src_node_id))
             )
-        arrays, metrics, noisy = self.core.aggregate(
+        arrays, metrics = self.core.aggregate(
             server_round,
             lambda: self.strategy.aggregate_train(server_round, kept),
             decode_arrays,
+            lambda noisy: ArrayRecord(
+                {name: Array(value) for name, value in noisy.items()}
+            ),
         )
-        if arrays is not None and noisy is not None:
-            arrays = ArrayRecord({name: Array(value) for name, value in noisy.items()})
         merged = self.core.round_metrics(server_round, metrics, _CLIENT_REPORTED_KEYS)
         if merged is not None:
             metrics = MetricRecord(merged)
