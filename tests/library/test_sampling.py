@@ -1,11 +1,14 @@
 import math
+import threading
 
 import numpy as np
 import pytest
 import torch
 
-from flwr_noise import NoiseReport, NoiseSpec
+from flwr_noise import NoiseReport, NoiseSpec, sampling
 from flwr_noise.sampling import (
+    SHARDED_NUMEL,
+    SHARDS,
     FlatTensorNoise,
     fill_noise_,
     perturb_arrays,
@@ -290,3 +293,97 @@ def test_flat_noise_skips_empty_tensors_in_relative_mode() -> None:
     noise.apply(0.5)
     assert noise.numel == 4
     assert not torch.equal(weights, torch.ones(4))
+
+
+def _substream_draw(
+    substream: int, numel: int, distribution: str, sigma: float
+) -> torch.Tensor:
+    generator = torch_generator(
+        0, client=0, server_round=1, purpose="local", substream=substream
+    )
+    return fill_noise_(torch.empty(numel), sigma, distribution, generator)
+
+
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_a_large_cpu_buffer_is_drawn_in_fixed_shards_of_their_own_substream(
+    distribution: str,
+) -> None:
+    numel = SHARDED_NUMEL + 13  # shards of unequal length, as tensor_split makes
+    weights = torch.zeros(numel)
+    _torch_noise([weights], distribution=distribution).apply(SIGMA)
+    shards = weights.tensor_split(SHARDS)
+    assert len(shards) == SHARDS
+    for substream, shard in enumerate(shards):
+        expected = _substream_draw(substream, shard.numel(), distribution, SIGMA)
+        assert torch.equal(shard, expected), substream
+    # Independent sub-streams: no shard repeats another's values.
+    heads = {tuple(shard[:8].tolist()) for shard in shards}
+    assert len(heads) == SHARDS
+
+
+def test_a_small_buffer_is_one_draw_of_substream_zero() -> None:
+    weights = torch.zeros(SHARDED_NUMEL - 1)
+    _torch_noise([weights]).apply(SIGMA)
+    assert torch.equal(weights, _substream_draw(0, weights.numel(), "gaussian", SIGMA))
+
+
+def test_sharded_values_do_not_depend_on_the_thread_count() -> None:
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            weights = [torch.zeros(SHARDED_NUMEL), torch.zeros(1000, 3)]
+            noise = _torch_noise(weights, distribution="laplace", relative=False)
+            noise.apply(SIGMA)
+            noise.apply(SIGMA)
+            results.append(torch.cat([w.flatten() for w in weights]))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(result, results[0]) for result in results)
+
+
+def test_shards_are_filled_on_several_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    names: list[str] = []
+    fill = sampling.fill_noise_
+
+    def recording_fill(*args: object, **kwargs: object) -> torch.Tensor:
+        names.append(threading.current_thread().name)
+        return fill(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sampling, "fill_noise_", recording_fill)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _torch_noise([torch.zeros(SHARDED_NUMEL)]).apply(SIGMA)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(names) == SHARDS
+    assert names.count(threading.current_thread().name) == SHARDS // 2
+    assert all(
+        name.startswith("flwr-noise-fill")
+        for name in names
+        if name != threading.current_thread().name
+    )
+
+
+def test_a_failing_shard_raises_in_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    noise = _torch_noise([torch.zeros(SHARDED_NUMEL)])
+    first_shard = noise._groups[0].buffer.data_ptr()
+    fill = sampling.fill_noise_
+
+    def failing_fill(buffer: torch.Tensor, *args: object) -> torch.Tensor:
+        if buffer.data_ptr() != first_shard:
+            raise RuntimeError("shard failed")
+        return fill(buffer, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sampling, "fill_noise_", failing_fill)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="shard failed"):
+            noise.apply(SIGMA)
+    finally:
+        torch.set_num_threads(threads)
