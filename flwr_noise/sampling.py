@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -249,16 +250,44 @@ def fill_noise_(
         ``buffer``.
 
     """
-    if distribution == "gaussian":
-        return buffer.normal_(0.0, sigma, generator=generator)
-    if distribution == "uniform":
-        half_width = _uniform_half_width(sigma)
-        return buffer.uniform_(-half_width, half_width, generator=generator)
     _check_distribution(distribution)
-    # Laplace by inverse CDF: u ~ U[-1, 1), x = -b sign(u) log(1 - |u|).
-    if scratch is None:
+    if distribution == "laplace" and scratch is None:
         scratch = torch.empty_like(buffer)
-    scratch.uniform_(-1.0, 1.0, generator=generator)
+    _draw_(buffer, scratch, sigma, distribution, generator)
+    return _finish_(buffer, scratch, sigma, distribution)
+
+
+def _draw_(
+    buffer: torch.Tensor,
+    scratch: torch.Tensor | None,
+    sigma: float,
+    distribution: str,
+    generator: torch.Generator | None,
+) -> None:
+    """Draw the random part of :func:`fill_noise_`: all it takes from ``generator``.
+
+    Laplace draws its uniforms into ``scratch``. On the CPU these are torch's
+    serial kernels, which release the GIL: shards of a buffer, each with its
+    own generator, can be drawn on several threads at once.
+    """
+    if distribution == "gaussian":
+        buffer.normal_(0.0, sigma, generator=generator)
+    elif distribution == "uniform":
+        half_width = _uniform_half_width(sigma)
+        buffer.uniform_(-half_width, half_width, generator=generator)
+    else:
+        assert scratch is not None
+        scratch.uniform_(-1.0, 1.0, generator=generator)
+
+
+def _finish_(
+    buffer: torch.Tensor, scratch: torch.Tensor | None, sigma: float, distribution: str
+) -> torch.Tensor:
+    """Finish :func:`fill_noise_` after :func:`_draw_` (elementwise, no draws)."""
+    if distribution != "laplace":
+        return buffer
+    assert scratch is not None
+    # Laplace by inverse CDF: u ~ U[-1, 1), x = -b sign(u) log(1 - |u|).
     torch.abs(scratch, out=buffer)
     # u = -1 is a possible draw; keep log(1 - |u|) finite.
     largest_below_one = 1.0 - torch.finfo(buffer.dtype).eps / 2
@@ -268,6 +297,18 @@ def fill_noise_(
 
 _FILL_POOL: ThreadPoolExecutor | None = None
 _FILL_POOL_LOCK = threading.Lock()
+
+
+def _forget_fill_pool() -> None:
+    # A forked child inherits the pool object (and maybe a held lock) but not
+    # the threads.
+    global _FILL_POOL, _FILL_POOL_LOCK  # pylint: disable=global-statement
+    _FILL_POOL = None
+    _FILL_POOL_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_fill_pool)
 
 
 def _fill_pool() -> ThreadPoolExecutor:
@@ -284,7 +325,7 @@ def _fill_pool() -> ThreadPoolExecutor:
 def _run_parallel(tasks: Sequence[Callable[[], object]]) -> None:
     """Run ``tasks`` on up to ``torch.get_num_threads()`` threads; wait for all.
 
-    The calling thread takes a share; torch releases the GIL while it fills.
+    The calling thread takes a share; torch releases the GIL while it draws.
     Every task has finished (or raised, re-raised here) when this returns.
     """
     workers = min(len(tasks), torch.get_num_threads())
@@ -338,30 +379,31 @@ class _TensorGroup:
         self.squared_norm_sum = torch.zeros_like(self.last_norm)
 
     def fill(self, sigma: float, distribution: str) -> None:
-        """Fill the buffer with noise, shard by shard (in parallel if sharded)."""
+        """Fill the buffer with noise, drawing the shards in parallel."""
         if self.shards == 1:
-            fill_noise_(
-                self.buffer, sigma, distribution, self.generators[0], self.scratch
+            _draw_(self.buffer, self.scratch, sigma, distribution, self.generators[0])
+        else:
+            buffers = self.buffer.tensor_split(self.shards)
+            scratches = (
+                self.scratch.tensor_split(self.shards)
+                if self.scratch is not None
+                else (None,) * self.shards
             )
-            return
-        buffers = self.buffer.tensor_split(self.shards)
-        scratches = (
-            self.scratch.tensor_split(self.shards)
-            if self.scratch is not None
-            else (None,) * self.shards
-        )
-        _run_parallel(
-            [
-                lambda shard=shard: fill_noise_(
-                    buffers[shard],
-                    sigma,
-                    distribution,
-                    self.generators[shard],
-                    scratches[shard],
-                )
-                for shard in range(self.shards)
-            ]
-        )
+            _run_parallel(
+                [
+                    partial(
+                        _draw_,
+                        buffers[shard],
+                        scratches[shard],
+                        sigma,
+                        distribution,
+                        self.generators[shard],
+                    )
+                    for shard in range(self.shards)
+                ]
+            )
+        # Elementwise, on the whole buffer: torch's own threads share it out.
+        _finish_(self.buffer, self.scratch, sigma, distribution)
 
     def rms_scales(self, sigma: float) -> list[torch.Tensor]:
         """``sigma * RMS`` of each tensor, as 0-dim tensors of ``norm_dtype``."""

@@ -1,5 +1,8 @@
 import math
+import os
+import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -347,13 +350,13 @@ def test_shards_are_filled_on_several_threads(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     names: list[str] = []
-    fill = sampling.fill_noise_
+    draw = sampling._draw_
 
-    def recording_fill(*args: object, **kwargs: object) -> torch.Tensor:
+    def recording_draw(*args: object) -> None:
         names.append(threading.current_thread().name)
-        return fill(*args, **kwargs)  # type: ignore[arg-type]
+        draw(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(sampling, "fill_noise_", recording_fill)
+    monkeypatch.setattr(sampling, "_draw_", recording_draw)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -372,14 +375,14 @@ def test_shards_are_filled_on_several_threads(
 def test_a_failing_shard_raises_in_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
     noise = _torch_noise([torch.zeros(SHARDED_NUMEL)])
     first_shard = noise._groups[0].buffer.data_ptr()
-    fill = sampling.fill_noise_
+    draw = sampling._draw_
 
-    def failing_fill(buffer: torch.Tensor, *args: object) -> torch.Tensor:
+    def failing_draw(buffer: torch.Tensor, *args: object) -> None:
         if buffer.data_ptr() != first_shard:
             raise RuntimeError("shard failed")
-        return fill(buffer, *args)  # type: ignore[arg-type]
+        draw(buffer, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(sampling, "fill_noise_", failing_fill)
+    monkeypatch.setattr(sampling, "_draw_", failing_draw)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -387,3 +390,28 @@ def test_a_failing_shard_raises_in_the_caller(monkeypatch: pytest.MonkeyPatch) -
             noise.apply(SIGMA)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_gets_its_own_fill_threads() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _torch_noise([torch.zeros(SHARDED_NUMEL)]).apply(SIGMA)  # starts the pool
+        pid = os.fork()
+        if pid == 0:  # the child: the inherited pool has no threads
+            done: list[int] = []
+            sampling._run_parallel([lambda: done.append(1)] * 2)
+            os._exit(0 if done == [1, 1] else 1)
+    finally:
+        torch.set_num_threads(threads)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        finished, status = os.waitpid(pid, os.WNOHANG)
+        if finished:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung waiting for fill threads it does not have")
