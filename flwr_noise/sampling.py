@@ -325,28 +325,37 @@ def _fill_pool() -> ThreadPoolExecutor:
 def _run_parallel(tasks: Sequence[Callable[[], object]]) -> None:
     """Run ``tasks`` on up to ``torch.get_num_threads()`` threads; wait for all.
 
-    The calling thread takes a share; torch releases the GIL while it draws.
-    Every task has finished (or raised, re-raised here) when this returns.
+    The calling thread and the helpers claim tasks one by one, so on a busy
+    machine, where a helper may not get a core soon, the calling thread does
+    the work itself instead of waiting; a helper that has not started by then
+    is cancelled. torch releases the GIL while it draws. Every task has
+    finished (or raised, re-raised here) when this returns.
     """
     workers = min(len(tasks), torch.get_num_threads())
     if workers <= 1:
         for task in tasks:
             task()
         return
+    claim_lock = threading.Lock()
+    claimed = [0]
 
-    def run_share(share: Sequence[Callable[[], object]]) -> None:
-        for task in share:
-            task()
+    def run_claimed() -> None:
+        while True:
+            with claim_lock:
+                index = claimed[0]
+                claimed[0] += 1
+            if index >= len(tasks):
+                return
+            tasks[index]()
 
-    futures = [
-        _fill_pool().submit(run_share, tasks[worker::workers])
-        for worker in range(1, workers)
-    ]
+    pool = _fill_pool()
+    futures = [pool.submit(run_claimed) for _ in range(workers - 1)]
     try:
-        run_share(tasks[0::workers])
+        run_claimed()
     finally:
         for future in futures:
-            future.result()
+            if not future.cancel():
+                future.result()
 
 
 class _TensorGroup:

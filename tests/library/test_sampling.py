@@ -3,6 +3,7 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -349,11 +350,19 @@ def test_sharded_values_do_not_depend_on_the_thread_count() -> None:
 def test_shards_are_filled_on_several_threads(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    caller = threading.current_thread()
     names: list[str] = []
+    helper_drew = threading.Event()
     draw = sampling._draw_
 
     def recording_draw(*args: object) -> None:
         names.append(threading.current_thread().name)
+        if threading.current_thread() is caller:
+            # Hold the first shard until a helper has drawn one, so that a busy
+            # machine cannot let this thread claim every shard first.
+            helper_drew.wait(timeout=30)
+        else:
+            helper_drew.set()
         draw(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(sampling, "_draw_", recording_draw)
@@ -364,12 +373,8 @@ def test_shards_are_filled_on_several_threads(
     finally:
         torch.set_num_threads(threads)
     assert len(names) == SHARDS
-    assert names.count(threading.current_thread().name) == SHARDS // 2
-    assert all(
-        name.startswith("flwr-noise-fill")
-        for name in names
-        if name != threading.current_thread().name
-    )
+    helpers = [name for name in names if name != caller.name]
+    assert helpers and all(name.startswith("flwr-noise-fill") for name in helpers)
 
 
 def test_a_failing_shard_raises_in_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -415,3 +420,26 @@ def test_a_forked_child_gets_its_own_fill_threads() -> None:
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     pytest.fail("the forked child hung waiting for fill threads it does not have")
+
+
+def test_the_caller_draws_every_shard_when_no_helper_is_free(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    expected = torch.zeros(SHARDED_NUMEL)
+    _torch_noise([expected]).apply(SIGMA)
+    busy_pool = ThreadPoolExecutor(max_workers=1)
+    release = threading.Event()
+    blocker = busy_pool.submit(release.wait, 30)
+    monkeypatch.setattr(sampling, "_fill_pool", lambda: busy_pool)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    weights = torch.zeros(SHARDED_NUMEL)
+    try:
+        _torch_noise([weights]).apply(SIGMA)
+        # Returned while the only helper was still busy: nothing waited for it.
+        assert not blocker.done()
+    finally:
+        release.set()
+        busy_pool.shutdown()
+        torch.set_num_threads(threads)
+    assert torch.equal(weights, expected)
