@@ -378,6 +378,12 @@ class _TensorGroup:
             if first.device.type == "cpu" and self.numel >= SHARDED_NUMEL
             else 1
         )
+        self.buffer_shards = self.buffer.tensor_split(self.shards)
+        self.scratch_shards = (
+            self.scratch.tensor_split(self.shards)
+            if self.scratch is not None
+            else (None,) * self.shards
+        )
         self.generators: list[torch.Generator] = []
         self.inverse_sqrt_numels = [1.0 / math.sqrt(t.numel()) for t in tensors]
         # Norms and scales are computed in at least float32 (an fp16 norm
@@ -389,28 +395,17 @@ class _TensorGroup:
 
     def fill(self, sigma: float, distribution: str) -> None:
         """Fill the buffer with noise, drawing the shards in parallel."""
-        if self.shards == 1:
-            _draw_(self.buffer, self.scratch, sigma, distribution, self.generators[0])
-        else:
-            buffers = self.buffer.tensor_split(self.shards)
-            scratches = (
-                self.scratch.tensor_split(self.shards)
-                if self.scratch is not None
-                else (None,) * self.shards
-            )
-            _run_parallel(
-                [
-                    partial(
-                        _draw_,
-                        buffers[shard],
-                        scratches[shard],
-                        sigma,
-                        distribution,
-                        self.generators[shard],
-                    )
-                    for shard in range(self.shards)
-                ]
-            )
+        _run_parallel(
+            [
+                partial(_draw_, buffer, scratch, sigma, distribution, generator)
+                for buffer, scratch, generator in zip(
+                    self.buffer_shards,
+                    self.scratch_shards,
+                    self.generators,
+                    strict=True,
+                )
+            ]
+        )
         # Elementwise, on the whole buffer: torch's own threads share it out.
         _finish_(self.buffer, self.scratch, sigma, distribution)
 
