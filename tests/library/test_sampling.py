@@ -443,3 +443,22 @@ def test_the_caller_draws_every_shard_when_no_helper_is_free(
         busy_pool.shutdown()
         torch.set_num_threads(threads)
     assert torch.equal(weights, expected)
+
+
+def test_concurrent_sharded_applications_give_the_sequential_values() -> None:
+    def noisy(seed: int) -> torch.Tensor:
+        weights = torch.zeros(SHARDED_NUMEL)
+        noise = _torch_noise([weights], seed=seed, distribution="laplace")
+        for _ in range(3):
+            noise.apply(SIGMA)
+        return weights
+
+    expected = [noisy(seed) for seed in range(4)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with ThreadPoolExecutor(max_workers=4) as clients:
+            results = list(clients.map(noisy, range(4)))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r, e) for r, e in zip(results, expected, strict=True))
