@@ -1,12 +1,19 @@
 import math
+import os
 import re
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 
-from flwr_noise import NoiseReport, NoiseSpec
+from flwr_noise import NoiseReport, NoiseSpec, sampling
 from flwr_noise.sampling import (
+    SHARDED_NUMEL,
+    SHARDS,
     FlatTensorNoise,
     fill_noise_,
     perturb_arrays,
@@ -293,3 +300,168 @@ def test_flat_noise_skips_empty_tensors_in_relative_mode() -> None:
     noise.apply(0.5)
     assert noise.numel == 4
     assert not torch.equal(weights, torch.ones(4))
+
+
+def _substream_draw(
+    substream: int, numel: int, distribution: str, sigma: float
+) -> torch.Tensor:
+    generator = torch_generator(
+        0, client=0, server_round=1, purpose="local", substream=substream
+    )
+    return fill_noise_(torch.empty(numel), sigma, distribution, generator)
+
+
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_a_large_cpu_buffer_is_drawn_in_fixed_shards_of_their_own_substream(
+    distribution: str,
+) -> None:
+    numel = SHARDED_NUMEL + 13  # shards of unequal length, as tensor_split makes
+    weights = torch.zeros(numel)
+    _torch_noise([weights], distribution=distribution).apply(SIGMA)
+    shards = weights.tensor_split(SHARDS)
+    assert len(shards) == SHARDS
+    for substream, shard in enumerate(shards):
+        expected = _substream_draw(substream, shard.numel(), distribution, SIGMA)
+        assert torch.equal(shard, expected), substream
+    # Independent sub-streams: no shard repeats another's values.
+    heads = {tuple(shard[:8].tolist()) for shard in shards}
+    assert len(heads) == SHARDS
+
+
+def test_a_small_buffer_is_one_draw_of_substream_zero() -> None:
+    weights = torch.zeros(SHARDED_NUMEL - 1)
+    _torch_noise([weights]).apply(SIGMA)
+    assert torch.equal(weights, _substream_draw(0, weights.numel(), "gaussian", SIGMA))
+
+
+def test_sharded_values_do_not_depend_on_the_thread_count() -> None:
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            weights = [torch.zeros(SHARDED_NUMEL), torch.zeros(1000, 3)]
+            noise = _torch_noise(weights, distribution="laplace", relative=False)
+            noise.apply(SIGMA)
+            noise.apply(SIGMA)
+            results.append(torch.cat([w.flatten() for w in weights]))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(result, results[0]) for result in results)
+
+
+def test_shards_are_filled_on_several_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    caller = threading.current_thread()
+    names: list[str] = []
+    helper_drew = threading.Event()
+    draw = sampling._draw_
+
+    def recording_draw(*args: object) -> None:
+        names.append(threading.current_thread().name)
+        if threading.current_thread() is caller:
+            # Hold the first shard until a helper has drawn one, so that a busy
+            # machine cannot let this thread claim every shard first.
+            helper_drew.wait(timeout=30)
+        else:
+            helper_drew.set()
+        draw(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sampling, "_draw_", recording_draw)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _torch_noise([torch.zeros(SHARDED_NUMEL)]).apply(SIGMA)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(names) == SHARDS
+    helpers = [name for name in names if name != caller.name]
+    assert helpers and all(name.startswith("flwr-noise-fill") for name in helpers)
+
+
+def test_a_failing_shard_raises_in_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    noise = _torch_noise([torch.zeros(SHARDED_NUMEL)])
+    first_shard = noise._groups[0].buffer.data_ptr()
+    draw = sampling._draw_
+
+    def failing_draw(buffer: torch.Tensor, *args: object) -> None:
+        if buffer.data_ptr() != first_shard:
+            raise RuntimeError("shard failed")
+        draw(buffer, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sampling, "_draw_", failing_draw)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="shard failed"):
+            noise.apply(SIGMA)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_gets_its_own_fill_threads() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _torch_noise([torch.zeros(SHARDED_NUMEL)]).apply(SIGMA)  # starts the pool
+        pid = os.fork()
+        if pid == 0:  # the child: the inherited pool has no threads
+            done: list[int] = []
+            sampling._run_parallel([lambda: done.append(1)] * 2)
+            os._exit(0 if done == [1, 1] else 1)
+    finally:
+        torch.set_num_threads(threads)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        finished, status = os.waitpid(pid, os.WNOHANG)
+        if finished:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung waiting for fill threads it does not have")
+
+
+def test_the_caller_draws_every_shard_when_no_helper_is_free(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    expected = torch.zeros(SHARDED_NUMEL)
+    _torch_noise([expected]).apply(SIGMA)
+    busy_pool = ThreadPoolExecutor(max_workers=1)
+    release = threading.Event()
+    blocker = busy_pool.submit(release.wait, 30)
+    monkeypatch.setattr(sampling, "_fill_pool", lambda: busy_pool)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    weights = torch.zeros(SHARDED_NUMEL)
+    try:
+        _torch_noise([weights]).apply(SIGMA)
+        # Returned while the only helper was still busy: nothing waited for it.
+        assert not blocker.done()
+    finally:
+        release.set()
+        busy_pool.shutdown()
+        torch.set_num_threads(threads)
+    assert torch.equal(weights, expected)
+
+
+def test_concurrent_sharded_applications_give_the_sequential_values() -> None:
+    def noisy(seed: int) -> torch.Tensor:
+        weights = torch.zeros(SHARDED_NUMEL)
+        noise = _torch_noise([weights], seed=seed, distribution="laplace")
+        for _ in range(3):
+            noise.apply(SIGMA)
+        return weights
+
+    expected = [noisy(seed) for seed in range(4)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with ThreadPoolExecutor(max_workers=4) as clients:
+            results = list(clients.map(noisy, range(4)))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r, e) for r, e in zip(results, expected, strict=True))
