@@ -194,63 +194,23 @@ class ResultsWriter:
         self._plot = plot
         self._plot_interval = plot_interval
         self._last_plot: float | None = None
-        self._rounds: list[dict[str, Any]] = []
-        # Each round is converted to JSON and to a CSV line once, when added;
-        # a rewrite only joins the texts (measured: benchmarks in README).
-        self._round_json: list[str] = []
-        self._csv_columns: list[str] = list(REQUIRED_ROUND_KEYS)
-        self._csv_lines: list[str] = []
+        self._tables = _RoundTables()
         self._info: dict[str, Any] = {}
         self._status = STATUS_RUNNING
         self._started_at = _utc_now()
         self._finished_at: str | None = None
         self._error: str | None = None
         if resume_after is not None:
-            self._load_for_resume(resume_after)
-        self._write_json()
-
-    def _load_for_resume(self, resume_after: int) -> None:
-        if isinstance(resume_after, bool) or not isinstance(
-            resume_after, numbers.Integral
-        ):
-            raise not_allowed(
-                "resume_after", resume_after, "an int >= 0 or None", TypeError
-            )
-        if resume_after < 0:
-            raise not_allowed("resume_after", resume_after, "an int >= 0 or None")
-        previous = load_results(self._run_dir)
-        rounds = [
-            entry
-            for entry in previous["rounds"]
-            if not isinstance(entry, Mapping) or entry.get("round", 0) <= resume_after
-        ]
-        numbers_kept = [
-            entry.get("round") if isinstance(entry, Mapping) else entry
-            for entry in rounds
-        ]
-        label = f"results.json rounds of run {self.run_name!r}"
-        if numbers_kept != list(range(1, resume_after + 1)):
-            raise not_allowed(
-                label,
-                numbers_kept,
-                f"rounds 1 to {resume_after} to resume after round {resume_after}",
-            )
-        try:
-            rounds = [
-                _checked_round(entry, nullable=True, label=f"{label}[{index}]")
-                for index, entry in enumerate(rounds)
+            previous, rounds = _rounds_to_resume(run_dir, resume_after)
+            for entry in rounds:
+                self._tables.append(entry)
+            self._info = dict(previous.get("info") or {})
+            self._info["resumed"] = [
+                *self._info.get("resumed", []),
+                {"at": _utc_now(), "after_round": int(resume_after)},
             ]
-        except TypeError as error:
-            # Resuming refuses a damaged file with a ValueError, whatever is wrong.
-            raise ValueError(*error.args) from None
-        for entry in rounds:
-            self._append(entry)
-        self._info = dict(previous.get("info") or {})
-        self._info["resumed"] = [
-            *self._info.get("resumed", []),
-            {"at": _utc_now(), "after_round": int(resume_after)},
-        ]
-        self._started_at = previous.get("started_at") or self._started_at
+            self._started_at = previous.get("started_at") or self._started_at
+        self._write_json()
 
     @property
     def run_name(self) -> str:
@@ -285,7 +245,7 @@ class ResultsWriter:
     @property
     def rounds(self) -> list[dict[str, Any]]:
         """Copies of the rounds recorded so far."""
-        return [dict(entry) for entry in self._rounds]
+        return [dict(entry) for entry in self._tables.rounds]
 
     def add_round(self, metrics: Mapping[str, Any]) -> None:
         """Record one round and rewrite the files.
@@ -312,13 +272,14 @@ class ResultsWriter:
                 f"run {self.run_name!r} is {self._status}: no rounds can be added"
             )
         entry = _checked_round(metrics)
-        if self._rounds and entry["round"] <= self._rounds[-1]["round"]:
+        rounds = self._tables.rounds
+        if rounds and entry["round"] <= rounds[-1]["round"]:
             raise not_allowed(
                 "metrics['round']",
                 entry["round"],
-                f"a round after {self._rounds[-1]['round']}",
+                f"a round after {rounds[-1]['round']}",
             )
-        self._append(entry)
+        self._tables.append(entry)
         self._write_all(final=False)
 
     def update_info(self, **fields: Any) -> None:
@@ -376,24 +337,12 @@ class ResultsWriter:
             "info": self._info,
         }
 
-    def _append(self, entry: dict[str, Any]) -> None:
-        round_json = json.dumps(entry, allow_nan=False)
-        columns = self._csv_columns + [
-            key for key in entry if key not in self._csv_columns
-        ]
-        if len(columns) > len(self._csv_columns):  # a new column: redo every line
-            lines = [_csv_line(row, columns) for row in [*self._rounds, entry]]
-        else:
-            lines = [*self._csv_lines, _csv_line(entry, columns)]
-        self._rounds.append(entry)
-        self._round_json.append(round_json)
-        self._csv_columns, self._csv_lines = columns, lines
-
     def _write_all(self, *, final: bool) -> None:
         self._write_json()
-        text = "".join([_csv_line(None, self._csv_columns), *self._csv_lines])
+        text = self._tables.csv_text()
         atomic_write(self.csv_path, lambda handle: handle.write(text), binary=False)
-        if not self._plot or not self._rounds:
+        rounds = self._tables.rounds
+        if not self._plot or not rounds:
             return
         now = time.monotonic()
         if (
@@ -401,16 +350,87 @@ class ResultsWriter:
             or self._last_plot is None
             or now - self._last_plot >= self._plot_interval
         ):
-            atomic_write(self.png_path, _plot_rounds(self._rounds), binary=True)
+            atomic_write(self.png_path, _plot_rounds(rounds), binary=True)
             self._last_plot = now
 
     def _write_json(self) -> None:
-        # One round per line; everything else indented.
-        rounds = ",\n    ".join(self._round_json)
-        text = json.dumps(self._head(), indent=2, allow_nan=False)[: -len("\n}")]
-        text += ',\n  "rounds": [' + (f"\n    {rounds}\n  " if rounds else "")
-        text += "]\n}\n"
+        text = self._tables.json_text(self._head())
         atomic_write(self.json_path, lambda handle: handle.write(text), binary=False)
+
+
+class _RoundTables:
+    """A run's rounds and their texts in ``results.json`` and ``results.csv``.
+
+    Each round is converted to JSON and to a CSV line once, when appended; a
+    rewrite only joins the texts (measured: benchmarks in README).
+    """
+
+    def __init__(self) -> None:
+        self.rounds: list[dict[str, Any]] = []
+        self._round_json: list[str] = []
+        self._csv_columns: list[str] = list(REQUIRED_ROUND_KEYS)
+        self._csv_lines: list[str] = []
+
+    def append(self, entry: dict[str, Any]) -> None:
+        """Add a checked round entry (see ``_checked_round``)."""
+        round_json = json.dumps(entry, allow_nan=False)
+        columns = self._csv_columns + [
+            key for key in entry if key not in self._csv_columns
+        ]
+        if len(columns) > len(self._csv_columns):  # a new column: redo every line
+            lines = [_csv_line(row, columns) for row in [*self.rounds, entry]]
+        else:
+            lines = [*self._csv_lines, _csv_line(entry, columns)]
+        self.rounds.append(entry)
+        self._round_json.append(round_json)
+        self._csv_columns, self._csv_lines = columns, lines
+
+    def csv_text(self) -> str:
+        """Return ``results.csv``: the header and one line per round."""
+        return "".join([_csv_line(None, self._csv_columns), *self._csv_lines])
+
+    def json_text(self, head: Mapping[str, Any]) -> str:
+        """Return ``results.json``: ``head`` indented, then one round per line."""
+        rounds = ",\n    ".join(self._round_json)
+        text = json.dumps(head, indent=2, allow_nan=False)[: -len("\n}")]
+        text += ',\n  "rounds": [' + (f"\n    {rounds}\n  " if rounds else "")
+        return text + "]\n}\n"
+
+
+def _rounds_to_resume(
+    run_dir: Path, resume_after: int
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Return the run's ``results.json`` and its checked rounds ``1..resume_after``."""
+    if isinstance(resume_after, bool) or not isinstance(resume_after, numbers.Integral):
+        raise not_allowed(
+            "resume_after", resume_after, "an int >= 0 or None", TypeError
+        )
+    if resume_after < 0:
+        raise not_allowed("resume_after", resume_after, "an int >= 0 or None")
+    previous = load_results(run_dir)
+    rounds = [
+        entry
+        for entry in previous["rounds"]
+        if not isinstance(entry, Mapping) or entry.get("round", 0) <= resume_after
+    ]
+    numbers_kept = [
+        entry.get("round") if isinstance(entry, Mapping) else entry for entry in rounds
+    ]
+    label = f"results.json rounds of run {run_dir.name!r}"
+    if numbers_kept != list(range(1, resume_after + 1)):
+        raise not_allowed(
+            label,
+            numbers_kept,
+            f"rounds 1 to {resume_after} to resume after round {resume_after}",
+        )
+    try:
+        return previous, [
+            _checked_round(entry, nullable=True, label=f"{label}[{index}]")
+            for index, entry in enumerate(rounds)
+        ]
+    except TypeError as error:
+        # Resuming refuses a damaged file with a ValueError, whatever is wrong.
+        raise ValueError(*error.args) from None
 
 
 def _checked_round(
