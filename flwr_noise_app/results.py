@@ -191,10 +191,7 @@ class ResultsWriter:
             base.mkdir(parents=True, exist_ok=True)
             run_dir = _create_folder(base, run_name, self._config)
         self._run_dir = run_dir
-        self._plot = plot
-        self._plot_interval = plot_interval
-        self._last_plot: float | None = None
-        self._tables = _RoundTables()
+        self._files = _ResultFiles(run_dir, plot=plot, plot_interval=plot_interval)
         self._info: dict[str, Any] = {}
         self._status = STATUS_RUNNING
         self._started_at = _utc_now()
@@ -203,14 +200,14 @@ class ResultsWriter:
         if resume_after is not None:
             previous, rounds = _rounds_to_resume(run_dir, resume_after)
             for entry in rounds:
-                self._tables.append(entry)
+                self._files.append(entry)
             self._info = dict(previous.get("info") or {})
             self._info["resumed"] = [
                 *self._info.get("resumed", []),
                 {"at": _utc_now(), "after_round": int(resume_after)},
             ]
             self._started_at = previous.get("started_at") or self._started_at
-        self._write_json()
+        self._files.write_json(self._head())
 
     @property
     def run_name(self) -> str:
@@ -225,17 +222,17 @@ class ResultsWriter:
     @property
     def json_path(self) -> Path:
         """Path of ``results.json``."""
-        return self._run_dir / RESULTS_JSON
+        return self._files.json_path
 
     @property
     def csv_path(self) -> Path:
         """Path of ``results.csv``."""
-        return self._run_dir / RESULTS_CSV
+        return self._files.csv_path
 
     @property
     def png_path(self) -> Path:
         """Path of ``results.png``."""
-        return self._run_dir / RESULTS_PNG
+        return self._files.png_path
 
     @property
     def status(self) -> str:
@@ -245,7 +242,7 @@ class ResultsWriter:
     @property
     def rounds(self) -> list[dict[str, Any]]:
         """Copies of the rounds recorded so far."""
-        return [dict(entry) for entry in self._tables.rounds]
+        return [dict(entry) for entry in self._files.rounds]
 
     def add_round(self, metrics: Mapping[str, Any]) -> None:
         """Record one round and rewrite the files.
@@ -272,15 +269,15 @@ class ResultsWriter:
                 f"run {self.run_name!r} is {self._status}: no rounds can be added"
             )
         entry = _checked_round(metrics)
-        rounds = self._tables.rounds
+        rounds = self._files.rounds
         if rounds and entry["round"] <= rounds[-1]["round"]:
             raise not_allowed(
                 "metrics['round']",
                 entry["round"],
                 f"a round after {rounds[-1]['round']}",
             )
-        self._tables.append(entry)
-        self._write_all(final=False)
+        self._files.append(entry)
+        self._files.write_all(self._head(), final=False)
 
     def update_info(self, **fields: Any) -> None:
         """Add or replace top-level facts about the run and rewrite the JSON.
@@ -289,7 +286,7 @@ class ResultsWriter:
         source or the number of clients.
         """
         self._info.update(_jsonable(fields, "info"))
-        self._write_json()
+        self._files.write_json(self._head())
 
     def finish(
         self, status: str = STATUS_COMPLETE, *, error: str | None = None
@@ -309,7 +306,7 @@ class ResultsWriter:
         self._status = status
         self._error = error
         self._finished_at = _utc_now()
-        self._write_all(final=True)
+        self._files.write_all(self._head(), final=True)
 
     def __enter__(self) -> ResultsWriter:
         return self
@@ -337,35 +334,21 @@ class ResultsWriter:
             "info": self._info,
         }
 
-    def _write_all(self, *, final: bool) -> None:
-        self._write_json()
-        text = self._tables.csv_text()
-        atomic_write(self.csv_path, lambda handle: handle.write(text), binary=False)
-        rounds = self._tables.rounds
-        if not self._plot or not rounds:
-            return
-        now = time.monotonic()
-        if (
-            final
-            or self._last_plot is None
-            or now - self._last_plot >= self._plot_interval
-        ):
-            atomic_write(self.png_path, _plot_rounds(rounds), binary=True)
-            self._last_plot = now
 
-    def _write_json(self) -> None:
-        text = self._tables.json_text(self._head())
-        atomic_write(self.json_path, lambda handle: handle.write(text), binary=False)
-
-
-class _RoundTables:
-    """A run's rounds and their texts in ``results.json`` and ``results.csv``.
+class _ResultFiles:
+    """A run's rounds written to ``results.json``, ``results.csv`` and the plot.
 
     Each round is converted to JSON and to a CSV line once, when appended; a
     rewrite only joins the texts (measured: benchmarks in README).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, run_dir: Path, *, plot: bool, plot_interval: float) -> None:
+        self.json_path = run_dir / RESULTS_JSON
+        self.csv_path = run_dir / RESULTS_CSV
+        self.png_path = run_dir / RESULTS_PNG
+        self._plot = plot
+        self._plot_interval = plot_interval
+        self._last_plot: float | None = None
         self.rounds: list[dict[str, Any]] = []
         self._round_json: list[str] = []
         self._csv_columns: list[str] = list(REQUIRED_ROUND_KEYS)
@@ -385,16 +368,29 @@ class _RoundTables:
         self._round_json.append(round_json)
         self._csv_columns, self._csv_lines = columns, lines
 
-    def csv_text(self) -> str:
-        """Return ``results.csv``: the header and one line per round."""
-        return "".join([_csv_line(None, self._csv_columns), *self._csv_lines])
-
-    def json_text(self, head: Mapping[str, Any]) -> str:
-        """Return ``results.json``: ``head`` indented, then one round per line."""
+    def write_json(self, head: Mapping[str, Any]) -> None:
+        """Write ``results.json``: ``head`` indented, then one round per line."""
         rounds = ",\n    ".join(self._round_json)
         text = json.dumps(head, indent=2, allow_nan=False)[: -len("\n}")]
         text += ',\n  "rounds": [' + (f"\n    {rounds}\n  " if rounds else "")
-        return text + "]\n}\n"
+        text += "]\n}\n"
+        atomic_write(self.json_path, lambda handle: handle.write(text), binary=False)
+
+    def write_all(self, head: Mapping[str, Any], *, final: bool) -> None:
+        """Write the JSON, the CSV and (when due, or ``final``) the plot."""
+        self.write_json(head)
+        text = "".join([_csv_line(None, self._csv_columns), *self._csv_lines])
+        atomic_write(self.csv_path, lambda handle: handle.write(text), binary=False)
+        if not self._plot or not self.rounds:
+            return
+        now = time.monotonic()
+        if (
+            final
+            or self._last_plot is None
+            or now - self._last_plot >= self._plot_interval
+        ):
+            atomic_write(self.png_path, _plot_rounds(self.rounds), binary=True)
+            self._last_plot = now
 
 
 def _rounds_to_resume(
