@@ -198,15 +198,10 @@ class ResultsWriter:
         self._finished_at: str | None = None
         self._error: str | None = None
         if resume_after is not None:
-            previous, rounds = _rounds_to_resume(run_dir, resume_after)
+            rounds, self._info, started_at = _resumed(run_dir, resume_after)
             for entry in rounds:
                 self._files.append(entry)
-            self._info = dict(previous.get("info") or {})
-            self._info["resumed"] = [
-                *self._info.get("resumed", []),
-                {"at": _utc_now(), "after_round": int(resume_after)},
-            ]
-            self._started_at = previous.get("started_at") or self._started_at
+            self._started_at = started_at or self._started_at
         self._files.write_json(self._head())
 
     @property
@@ -393,10 +388,13 @@ class _ResultFiles:
             self._last_plot = now
 
 
-def _rounds_to_resume(
+def _resumed(
     run_dir: Path, resume_after: int
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Return the run's ``results.json`` and its checked rounds ``1..resume_after``."""
+) -> tuple[list[dict[str, Any]], dict[str, Any], Any]:
+    """Return a resumed run's rounds ``1..resume_after``, info and start time.
+
+    The rounds are checked; the info lists this resume under ``"resumed"``.
+    """
     if isinstance(resume_after, bool) or not isinstance(resume_after, numbers.Integral):
         raise not_allowed(
             "resume_after", resume_after, "an int >= 0 or None", TypeError
@@ -420,13 +418,19 @@ def _rounds_to_resume(
             f"rounds 1 to {resume_after} to resume after round {resume_after}",
         )
     try:
-        return previous, [
+        rounds = [
             _checked_round(entry, nullable=True, label=f"{label}[{index}]")
             for index, entry in enumerate(rounds)
         ]
     except TypeError as error:
         # Resuming refuses a damaged file with a ValueError, whatever is wrong.
         raise ValueError(*error.args) from None
+    info = dict(previous.get("info") or {})
+    info["resumed"] = [
+        *info.get("resumed", []),
+        {"at": _utc_now(), "after_round": int(resume_after)},
+    ]
+    return rounds, info, previous.get("started_at")
 
 
 def _checked_round(

@@ -216,24 +216,7 @@ class ExperimentConfig:
             value = check(name, getattr(self, name))
             if store:
                 object.__setattr__(self, name, value)
-        if self.placement == NO_NOISE and self.noise_std > 0:
-            raise validation.not_allowed(
-                "placement",
-                self.placement,
-                f"{validation.allowed_choices(PLACEMENTS)} with noise_std="
-                f"{self.noise_std!r}",
-            )
-        if (
-            self.correlation != INDEPENDENT
-            and self.noise_enabled
-            and self.placement != "local"
-        ):
-            raise validation.not_allowed(
-                "correlation",
-                self.correlation,
-                f"{INDEPENDENT!r} with placement={self.placement!r} (noise added "
-                "once per round has no previous draw to remove)",
-            )
+        _check_combinations(self)
 
     @property
     def noise_enabled(self) -> bool:
@@ -335,6 +318,28 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         """Return the fields as a JSON-ready dict."""
         return asdict(self)
+
+
+def _check_combinations(config: ExperimentConfig) -> None:
+    """Refuse the field combinations an experiment cannot run."""
+    if config.placement == NO_NOISE and config.noise_std > 0:
+        raise validation.not_allowed(
+            "placement",
+            config.placement,
+            f"{validation.allowed_choices(PLACEMENTS)} with noise_std="
+            f"{config.noise_std!r}",
+        )
+    if (
+        config.correlation != INDEPENDENT
+        and config.noise_enabled
+        and config.placement != "local"
+    ):
+        raise validation.not_allowed(
+            "correlation",
+            config.correlation,
+            f"{INDEPENDENT!r} with placement={config.placement!r} (noise added "
+            "once per round has no previous draw to remove)",
+        )
 
 
 @dataclass(frozen=True, eq=False)

@@ -142,23 +142,8 @@ class SweepGrid:
             values = _distinct(name, getattr(self, name), empty_ok=empty_ok)
             object.__setattr__(self, name, values)
         if self.relative_noise_stds is not None:
-            if True not in self.relative:
-                raise validation.not_allowed(
-                    "relative_noise_stds",
-                    self.relative_noise_stds,
-                    f"None with relative={self.relative!r} (True not in relative)",
-                )
-            if not self.relative_noise_stds:
-                raise validation.not_allowed(
-                    "relative_noise_stds",
-                    self.relative_noise_stds,
-                    "at least one value, or None",
-                )
-            object.__setattr__(
-                self,
-                "relative_noise_stds",
-                tuple(dict.fromkeys(self.relative_noise_stds)),
-            )
+            stds = _relative_stds(self.relative_noise_stds, self.relative)
+            object.__setattr__(self, "relative_noise_stds", stds)
         for seed in self.seeds:
             validation.check_integer("seeds", seed, low=0)
         sam_rhos = _distinct(
@@ -299,6 +284,21 @@ def _distinct(
         for value in values:
             each(value)
     return tuple(dict.fromkeys(values))
+
+
+def _relative_stds(stds: Any, relative: tuple[bool, ...]) -> tuple[float, ...]:
+    """Return ``relative_noise_stds`` without repeats, or raise."""
+    if True not in relative:
+        raise validation.not_allowed(
+            "relative_noise_stds",
+            stds,
+            f"None with relative={relative!r} (True not in relative)",
+        )
+    if not stds:
+        raise validation.not_allowed(
+            "relative_noise_stds", stds, "at least one value, or None"
+        )
+    return tuple(dict.fromkeys(stds))
 
 
 def _check_run_length(
