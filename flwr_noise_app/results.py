@@ -180,16 +180,8 @@ class ResultsWriter:
         self._config = _jsonable(config, "config")
         if not isinstance(self._config, dict):
             raise not_allowed("config", config, "a mapping", TypeError)
-        base = Path(results_dir)
-        if resume_after is not None:
-            if not run_name:
-                raise not_allowed(
-                    "run_name", run_name, "the name of the run folder to continue"
-                )
-            run_dir = base / run_name
-        else:
-            base.mkdir(parents=True, exist_ok=True)
-            run_dir = _create_folder(base, run_name, self._config)
+        resuming = resume_after is not None
+        run_dir = _run_folder(Path(results_dir), run_name, self._config, resuming)
         self._run_dir = run_dir
         self._files = _ResultFiles(run_dir, plot=plot, plot_interval=plot_interval)
         self._info: dict[str, Any] = {}
@@ -624,8 +616,18 @@ def process_is_running(pid: int) -> bool:
     return True
 
 
-def _create_folder(base: Path, run_name: str | None, config: Any) -> Path:
-    """Create the run folder; it must be new (``mkdir`` is atomic, race-free)."""
+def _run_folder(base: Path, run_name: str | None, config: Any, resuming: bool) -> Path:
+    """Return the folder of a resumed run, or create a new run's folder.
+
+    A new run's folder must be new (``mkdir`` is atomic, race-free).
+    """
+    if resuming:
+        if not run_name:
+            raise not_allowed(
+                "run_name", run_name, "the name of the run folder to continue"
+            )
+        return base / run_name
+    base.mkdir(parents=True, exist_ok=True)
     if run_name:
         folder = base / validate_run_name(run_name)
         folder.mkdir()  # FileExistsError: never write into another run's folder
