@@ -368,23 +368,7 @@ class AppConfig:
             If a value has the wrong type, or ``run_config`` is not a mapping.
 
         """
-        if not isinstance(run_config, Mapping):
-            raise not_allowed(
-                "run config",
-                run_config,
-                "a mapping of run config keys to values",
-                TypeError,
-            )
-        for name in run_config:
-            if name not in RUN_CONFIG_KEYS:
-                close = difflib.get_close_matches(str(name), RUN_CONFIG_KEYS, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise not_allowed(
-                    "run config key",
-                    name,
-                    f"a key of [tool.flwr.app.config]{hint}: "
-                    + allowed_choices(RUN_CONFIG_KEYS),
-                )
+        _check_run_config_keys(run_config)
         return cls(
             **{
                 config_field.name: run_config[key]
@@ -412,8 +396,8 @@ class AppConfig:
             "schedule_unit": self.noise_schedule_unit,
             "correlation": self.noise_correlation,
         }
-        return self._noise_spec(
-            "local", self.local_noise_std, self.local_noise_decay, extra
+        return _noise_spec(
+            self, "local", self.local_noise_std, self.local_noise_decay, extra
         )
 
     def broadcast_spec(self) -> NoiseSpec | None:
@@ -423,48 +407,74 @@ class AppConfig:
         (``schedule_unit="round"``), whatever ``noise-schedule-unit`` says;
         the same holds for the aggregation noise.
         """
-        return self._noise_spec(
-            "broadcast", self.broadcast_noise_std, self.broadcast_noise_decay
+        return _noise_spec(
+            self, "broadcast", self.broadcast_noise_std, self.broadcast_noise_decay
         )
 
     def aggregation_spec(self) -> NoiseSpec | None:
         """Noise added to the aggregated model, or ``None``."""
-        return self._noise_spec(
-            "aggregation", self.aggregation_noise_std, self.aggregation_noise_decay
+        return _noise_spec(
+            self,
+            "aggregation",
+            self.aggregation_noise_std,
+            self.aggregation_noise_decay,
         )
 
-    def _noise_spec(
-        self,
-        kind: str,
-        std: float,
-        decay: float | None,
-        extra: Mapping[str, Any] | None = None,
-    ) -> NoiseSpec | None:
-        if std == 0:
-            return None
-        extra = {"schedule_unit": "round", **(extra or {})}
-        # The run config key each field comes from, for the error message.
-        keys = {
-            "std": f"{kind}-noise-std",
-            "decay": "noise-decay" if decay is None else f"{kind}-noise-decay",
-            "seed": "seed",
-        }
-        return NoiseSpec.from_fields(
-            {
-                "std": std,
-                "distribution": self.noise_distribution,
-                "mode": self.noise_mode,
-                "relative": self.noise_relative,
-                "schedule": self.noise_schedule,
-                "decay": self.noise_decay if decay is None else decay,
-                "gamma": self.noise_gamma,
-                "include": self.noise_include,
-                "exclude": self.noise_exclude,
-                "seed": self.seed,
-                **extra,
-            },
-            lambda name: key_label(keys.get(name, "noise-" + _run_config_key(name))),
+
+def _check_run_config_keys(run_config: Any) -> None:
+    """Raise unless ``run_config`` is a mapping of known run config keys."""
+    if not isinstance(run_config, Mapping):
+        raise not_allowed(
+            "run config",
+            run_config,
+            "a mapping of run config keys to values",
+            TypeError,
         )
+    for name in run_config:
+        if name not in RUN_CONFIG_KEYS:
+            close = difflib.get_close_matches(str(name), RUN_CONFIG_KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise not_allowed(
+                "run config key",
+                name,
+                f"a key of [tool.flwr.app.config]{hint}: "
+                + allowed_choices(RUN_CONFIG_KEYS),
+            )
+
+
+def _noise_spec(
+    config: AppConfig,
+    kind: str,
+    std: float,
+    decay: float | None,
+    extra: Mapping[str, Any] | None = None,
+) -> NoiseSpec | None:
+    """Return one kind of noise of ``config``; errors name its run config keys."""
+    if std == 0:
+        return None
+    extra = {"schedule_unit": "round", **(extra or {})}
+    # The run config key each field comes from, for the error message.
+    keys = {
+        "std": f"{kind}-noise-std",
+        "decay": "noise-decay" if decay is None else f"{kind}-noise-decay",
+        "seed": "seed",
+    }
+    return NoiseSpec.from_fields(
+        {
+            "std": std,
+            "distribution": config.noise_distribution,
+            "mode": config.noise_mode,
+            "relative": config.noise_relative,
+            "schedule": config.noise_schedule,
+            "decay": config.noise_decay if decay is None else decay,
+            "gamma": config.noise_gamma,
+            "include": config.noise_include,
+            "exclude": config.noise_exclude,
+            "seed": config.seed,
+            **extra,
+        },
+        lambda name: key_label(keys.get(name, "noise-" + _run_config_key(name))),
+    )
 
 
 RUN_CONFIG_KEYS: tuple[str, ...] = tuple(

@@ -180,77 +180,21 @@ class ResultsWriter:
         self._config = _jsonable(config, "config")
         if not isinstance(self._config, dict):
             raise not_allowed("config", config, "a mapping", TypeError)
-        base = Path(results_dir)
-        if resume_after is not None:
-            if not run_name:
-                raise not_allowed(
-                    "run_name", run_name, "the name of the run folder to continue"
-                )
-            run_dir = base / run_name
-        else:
-            base.mkdir(parents=True, exist_ok=True)
-            run_dir = _create_folder(base, run_name, self._config)
+        resuming = resume_after is not None
+        run_dir = _run_folder(Path(results_dir), run_name, self._config, resuming)
         self._run_dir = run_dir
-        self._plot = plot
-        self._plot_interval = plot_interval
-        self._last_plot: float | None = None
-        self._rounds: list[dict[str, Any]] = []
-        # Each round is converted to JSON and to a CSV line once, when added;
-        # a rewrite only joins the texts (measured: benchmarks in README).
-        self._round_json: list[str] = []
-        self._csv_columns: list[str] = list(REQUIRED_ROUND_KEYS)
-        self._csv_lines: list[str] = []
+        self._files = _ResultFiles(run_dir, plot=plot, plot_interval=plot_interval)
         self._info: dict[str, Any] = {}
         self._status = STATUS_RUNNING
         self._started_at = _utc_now()
         self._finished_at: str | None = None
         self._error: str | None = None
         if resume_after is not None:
-            self._load_for_resume(resume_after)
-        self._write_json()
-
-    def _load_for_resume(self, resume_after: int) -> None:
-        if isinstance(resume_after, bool) or not isinstance(
-            resume_after, numbers.Integral
-        ):
-            raise not_allowed(
-                "resume_after", resume_after, "an int >= 0 or None", TypeError
-            )
-        if resume_after < 0:
-            raise not_allowed("resume_after", resume_after, "an int >= 0 or None")
-        previous = load_results(self._run_dir)
-        rounds = [
-            entry
-            for entry in previous["rounds"]
-            if not isinstance(entry, Mapping) or entry.get("round", 0) <= resume_after
-        ]
-        numbers_kept = [
-            entry.get("round") if isinstance(entry, Mapping) else entry
-            for entry in rounds
-        ]
-        label = f"results.json rounds of run {self.run_name!r}"
-        if numbers_kept != list(range(1, resume_after + 1)):
-            raise not_allowed(
-                label,
-                numbers_kept,
-                f"rounds 1 to {resume_after} to resume after round {resume_after}",
-            )
-        try:
-            rounds = [
-                _checked_round(entry, nullable=True, label=f"{label}[{index}]")
-                for index, entry in enumerate(rounds)
-            ]
-        except TypeError as error:
-            # Resuming refuses a damaged file with a ValueError, whatever is wrong.
-            raise ValueError(*error.args) from None
-        for entry in rounds:
-            self._append(entry)
-        self._info = dict(previous.get("info") or {})
-        self._info["resumed"] = [
-            *self._info.get("resumed", []),
-            {"at": _utc_now(), "after_round": int(resume_after)},
-        ]
-        self._started_at = previous.get("started_at") or self._started_at
+            rounds, self._info, started_at = _resumed(run_dir, resume_after)
+            for entry in rounds:
+                self._files.append(entry)
+            self._started_at = started_at or self._started_at
+        self._files.write_json(self._head())
 
     @property
     def run_name(self) -> str:
@@ -265,17 +209,17 @@ class ResultsWriter:
     @property
     def json_path(self) -> Path:
         """Path of ``results.json``."""
-        return self._run_dir / RESULTS_JSON
+        return self._files.json_path
 
     @property
     def csv_path(self) -> Path:
         """Path of ``results.csv``."""
-        return self._run_dir / RESULTS_CSV
+        return self._files.csv_path
 
     @property
     def png_path(self) -> Path:
         """Path of ``results.png``."""
-        return self._run_dir / RESULTS_PNG
+        return self._files.png_path
 
     @property
     def status(self) -> str:
@@ -285,7 +229,7 @@ class ResultsWriter:
     @property
     def rounds(self) -> list[dict[str, Any]]:
         """Copies of the rounds recorded so far."""
-        return [dict(entry) for entry in self._rounds]
+        return [dict(entry) for entry in self._files.rounds]
 
     def add_round(self, metrics: Mapping[str, Any]) -> None:
         """Record one round and rewrite the files.
@@ -312,14 +256,15 @@ class ResultsWriter:
                 f"run {self.run_name!r} is {self._status}: no rounds can be added"
             )
         entry = _checked_round(metrics)
-        if self._rounds and entry["round"] <= self._rounds[-1]["round"]:
+        rounds = self._files.rounds
+        if rounds and entry["round"] <= rounds[-1]["round"]:
             raise not_allowed(
                 "metrics['round']",
                 entry["round"],
-                f"a round after {self._rounds[-1]['round']}",
+                f"a round after {rounds[-1]['round']}",
             )
-        self._append(entry)
-        self._write_all(final=False)
+        self._files.append(entry)
+        self._files.write_all(self._head(), final=False)
 
     def update_info(self, **fields: Any) -> None:
         """Add or replace top-level facts about the run and rewrite the JSON.
@@ -328,7 +273,7 @@ class ResultsWriter:
         source or the number of clients.
         """
         self._info.update(_jsonable(fields, "info"))
-        self._write_json()
+        self._files.write_json(self._head())
 
     def finish(
         self, status: str = STATUS_COMPLETE, *, error: str | None = None
@@ -348,7 +293,7 @@ class ResultsWriter:
         self._status = status
         self._error = error
         self._finished_at = _utc_now()
-        self._write_all(final=True)
+        self._files.write_all(self._head(), final=True)
 
     def __enter__(self) -> ResultsWriter:
         return self
@@ -376,24 +321,54 @@ class ResultsWriter:
             "info": self._info,
         }
 
-    def _append(self, entry: dict[str, Any]) -> None:
+
+class _ResultFiles:
+    """A run's rounds written to ``results.json``, ``results.csv`` and the plot.
+
+    Each round is converted to JSON and to a CSV line once, when appended; a
+    rewrite only joins the texts (measured: benchmarks in README).
+    """
+
+    def __init__(self, run_dir: Path, *, plot: bool, plot_interval: float) -> None:
+        self.json_path = run_dir / RESULTS_JSON
+        self.csv_path = run_dir / RESULTS_CSV
+        self.png_path = run_dir / RESULTS_PNG
+        self._plot = plot
+        self._plot_interval = plot_interval
+        self._last_plot: float | None = None
+        self.rounds: list[dict[str, Any]] = []
+        self._round_json: list[str] = []
+        self._csv_columns: list[str] = list(REQUIRED_ROUND_KEYS)
+        self._csv_lines: list[str] = []
+
+    def append(self, entry: dict[str, Any]) -> None:
+        """Add a checked round entry (see ``_checked_round``)."""
         round_json = json.dumps(entry, allow_nan=False)
         columns = self._csv_columns + [
             key for key in entry if key not in self._csv_columns
         ]
         if len(columns) > len(self._csv_columns):  # a new column: redo every line
-            lines = [_csv_line(row, columns) for row in [*self._rounds, entry]]
+            lines = [_csv_line(row, columns) for row in [*self.rounds, entry]]
         else:
             lines = [*self._csv_lines, _csv_line(entry, columns)]
-        self._rounds.append(entry)
+        self.rounds.append(entry)
         self._round_json.append(round_json)
         self._csv_columns, self._csv_lines = columns, lines
 
-    def _write_all(self, *, final: bool) -> None:
-        self._write_json()
+    def write_json(self, head: Mapping[str, Any]) -> None:
+        """Write ``results.json``: ``head`` indented, then one round per line."""
+        rounds = ",\n    ".join(self._round_json)
+        text = json.dumps(head, indent=2, allow_nan=False)[: -len("\n}")]
+        text += ',\n  "rounds": [' + (f"\n    {rounds}\n  " if rounds else "")
+        text += "]\n}\n"
+        atomic_write(self.json_path, lambda handle: handle.write(text), binary=False)
+
+    def write_all(self, head: Mapping[str, Any], *, final: bool) -> None:
+        """Write the JSON, the CSV and (when due, or ``final``) the plot."""
+        self.write_json(head)
         text = "".join([_csv_line(None, self._csv_columns), *self._csv_lines])
         atomic_write(self.csv_path, lambda handle: handle.write(text), binary=False)
-        if not self._plot or not self._rounds:
+        if not self._plot or not self.rounds:
             return
         now = time.monotonic()
         if (
@@ -401,16 +376,53 @@ class ResultsWriter:
             or self._last_plot is None
             or now - self._last_plot >= self._plot_interval
         ):
-            atomic_write(self.png_path, _plot_rounds(self._rounds), binary=True)
+            atomic_write(self.png_path, _plot_rounds(self.rounds), binary=True)
             self._last_plot = now
 
-    def _write_json(self) -> None:
-        # One round per line; everything else indented.
-        rounds = ",\n    ".join(self._round_json)
-        text = json.dumps(self._head(), indent=2, allow_nan=False)[: -len("\n}")]
-        text += ',\n  "rounds": [' + (f"\n    {rounds}\n  " if rounds else "")
-        text += "]\n}\n"
-        atomic_write(self.json_path, lambda handle: handle.write(text), binary=False)
+
+def _resumed(
+    run_dir: Path, resume_after: int
+) -> tuple[list[dict[str, Any]], dict[str, Any], Any]:
+    """Return a resumed run's rounds ``1..resume_after``, info and start time.
+
+    The rounds are checked; the info lists this resume under ``"resumed"``.
+    """
+    if isinstance(resume_after, bool) or not isinstance(resume_after, numbers.Integral):
+        raise not_allowed(
+            "resume_after", resume_after, "an int >= 0 or None", TypeError
+        )
+    if resume_after < 0:
+        raise not_allowed("resume_after", resume_after, "an int >= 0 or None")
+    previous = load_results(run_dir)
+    rounds = [
+        entry
+        for entry in previous["rounds"]
+        if not isinstance(entry, Mapping) or entry.get("round", 0) <= resume_after
+    ]
+    numbers_kept = [
+        entry.get("round") if isinstance(entry, Mapping) else entry for entry in rounds
+    ]
+    label = f"results.json rounds of run {run_dir.name!r}"
+    if numbers_kept != list(range(1, resume_after + 1)):
+        raise not_allowed(
+            label,
+            numbers_kept,
+            f"rounds 1 to {resume_after} to resume after round {resume_after}",
+        )
+    try:
+        rounds = [
+            _checked_round(entry, nullable=True, label=f"{label}[{index}]")
+            for index, entry in enumerate(rounds)
+        ]
+    except TypeError as error:
+        # Resuming refuses a damaged file with a ValueError, whatever is wrong.
+        raise ValueError(*error.args) from None
+    info = dict(previous.get("info") or {})
+    info["resumed"] = [
+        *info.get("resumed", []),
+        {"at": _utc_now(), "after_round": int(resume_after)},
+    ]
+    return rounds, info, previous.get("started_at")
 
 
 def _checked_round(
@@ -604,8 +616,18 @@ def process_is_running(pid: int) -> bool:
     return True
 
 
-def _create_folder(base: Path, run_name: str | None, config: Any) -> Path:
-    """Create the run folder; it must be new (``mkdir`` is atomic, race-free)."""
+def _run_folder(base: Path, run_name: str | None, config: Any, resuming: bool) -> Path:
+    """Return the folder of a resumed run, or create a new run's folder.
+
+    A new run's folder must be new (``mkdir`` is atomic, race-free).
+    """
+    if resuming:
+        if not run_name:
+            raise not_allowed(
+                "run_name", run_name, "the name of the run folder to continue"
+            )
+        return base / run_name
+    base.mkdir(parents=True, exist_ok=True)
     if run_name:
         folder = base / validate_run_name(run_name)
         folder.mkdir()  # FileExistsError: never write into another run's folder

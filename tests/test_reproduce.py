@@ -193,6 +193,69 @@ def test_bad_config_is_rejected(changes: dict[str, object], message: str) -> Non
         replace(TINY, **changes)
 
 
+@pytest.mark.parametrize(
+    ("changes", "error", "message"),
+    [
+        ({"images_per_learner": 0}, ValueError, "images_per_learner=0"),
+        ({"data_dir": 3}, TypeError, "data_dir=3 is not allowed: expected a str path"),
+        ({"sam_rho": -0.1}, ValueError, "sam_rho=-0.1"),
+        ({"relative": 1}, TypeError, "relative=1"),
+        (
+            {
+                "noise_std": 0.1,
+                "placement": "received",
+                "correlation": "anticorrelated",
+            },
+            ValueError,
+            "correlation='anticorrelated' is not allowed: expected 'independent' "
+            "with placement='received'",
+        ),
+    ],
+)
+def test_experiment_fields_and_combinations_are_checked(
+    changes: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        replace(TINY, **changes)
+
+
+def test_experiment_checked_numbers_are_floats() -> None:
+    config = replace(TINY, learning_rate=np.float32(0.5), noise_std=1, sam_rho=0)
+    assert [type(config.learning_rate), type(config.noise_std)] == [float, float]
+    assert type(config.sam_rho) is float
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "message"),
+    [
+        ({"models": "mlp"}, TypeError, "models='mlp' is not allowed: expected a tuple"),
+        ({"models": ()}, ValueError, "models=\\(\\) is not allowed: expected at least"),
+        ({"sam_rhos": 0.5}, TypeError, "expected a tuple of numbers > 0"),
+        # Every value is checked before repeats are dropped (True == 1.0).
+        ({"sam_rhos": (1.0, True)}, TypeError, "sam_rhos=True"),
+        ({"seeds": (-1,)}, ValueError, "seeds=-1"),
+        ({"rounds": 2, "total_local_steps": 4}, ValueError, "rounds=2"),
+        ({"rounds": None, "total_local_steps": 0}, ValueError, "total_local_steps=0"),
+    ],
+)
+def test_bad_grid_is_rejected(
+    changes: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        tiny_grid(**changes)
+
+
+def test_grid_axes_drop_repeats_in_order() -> None:
+    grid = tiny_grid(
+        models=("mlp", "linear", "mlp"), sam_rhos=(0.5, 0.2, 0.5), noise_stds=()
+    )
+    assert (grid.models, grid.sam_rhos, grid.noise_stds) == (
+        ("mlp", "linear"),
+        (0.5, 0.2),
+        (),
+    )
+
+
 def test_total_local_steps_must_be_divisible_by_b() -> None:
     grid = tiny_grid(rounds=None, total_local_steps=8, local_steps=(2, 4))
     assert [c.rounds for c in grid.configurations()][::4] == [4, 2]

@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -82,6 +82,53 @@ SERIAL_LARGE_BATCH_CLIENT = "serial-large-batch"
 # or "anticorrelated" (Anti-PGD: the previous draw is removed before the next).
 INDEPENDENT = "independent"
 CORRELATIONS: tuple[str, ...] = (INDEPENDENT, "anticorrelated")
+
+
+def _path(label: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise validation.not_allowed(label, value, "a str path", TypeError)
+    return value
+
+
+def _positive_int(label: str, value: Any) -> int:
+    return validation.check_integer(label, value, low=1)
+
+
+def _optional_positive_int(label: str, value: Any) -> int | None:
+    return None if value is None else _positive_int(label, value)
+
+
+def _real_above_zero(label: str, value: Any) -> float:
+    return validation.check_real(label, value, low=0, low_open=True)
+
+
+def _real_at_least_zero(label: str, value: Any) -> float:
+    return validation.check_real(label, value, low=0.0)
+
+
+# ExperimentConfig's fields in the order they are checked: (name, check, whether
+# the checked value replaces the given one); then the combinations are checked.
+_EXPERIMENT_FIELDS: tuple[tuple[str, Callable[[str, Any], Any], bool], ...] = (
+    ("dataset", validation.choice_checker(DATASETS), False),
+    ("data_dir", _path, False),
+    ("model", validation.choice_checker(MODELS), False),
+    ("learners", _positive_int, False),
+    ("local_steps", _positive_int, False),
+    ("rounds", _positive_int, False),
+    ("batch_size", _positive_int, False),
+    ("images_per_learner", _optional_positive_int, False),
+    ("learning_rate", _real_above_zero, True),
+    ("dirichlet_alpha", _real_above_zero, True),
+    ("noise_std", _real_at_least_zero, True),
+    ("schedule", validation.choice_checker(SCHEDULES), False),
+    ("relative", validation.check_bool, False),
+    ("record_rounds", validation.check_bool, False),
+    ("placement", validation.choice_checker((*PLACEMENTS, NO_NOISE)), False),
+    ("distribution", validation.choice_checker(DISTRIBUTIONS), False),
+    ("partitioning", validation.choice_checker(PARTITION_SCHEMES), False),
+    ("correlation", validation.choice_checker(CORRELATIONS), False),
+    ("sam_rho", _real_at_least_zero, True),
+)
 
 
 @dataclass(frozen=True)
@@ -165,54 +212,11 @@ class ExperimentConfig:
     sam_rho: float = 0.0
 
     def __post_init__(self) -> None:
-        validation.check_choice("dataset", self.dataset, DATASETS)
-        if not isinstance(self.data_dir, str):
-            raise validation.not_allowed(
-                "data_dir", self.data_dir, "a str path", TypeError
-            )
-        validation.check_choice("model", self.model, MODELS)
-        for name in ("learners", "local_steps", "rounds", "batch_size"):
-            validation.check_integer(name, getattr(self, name), low=1)
-        if self.images_per_learner is not None:
-            validation.check_integer(
-                "images_per_learner", self.images_per_learner, low=1
-            )
-        for name in ("learning_rate", "dirichlet_alpha"):
-            number = validation.check_real(
-                name, getattr(self, name), low=0, low_open=True
-            )
-            object.__setattr__(self, name, number)
-        object.__setattr__(
-            self, "noise_std", validation.check_real("noise_std", self.noise_std, low=0)
-        )
-        validation.check_choice("schedule", self.schedule, SCHEDULES)
-        for flag in ("relative", "record_rounds"):
-            validation.check_bool(flag, getattr(self, flag))
-        validation.check_choice("placement", self.placement, (*PLACEMENTS, NO_NOISE))
-        if self.placement == NO_NOISE and self.noise_std > 0:
-            raise validation.not_allowed(
-                "placement",
-                self.placement,
-                f"{validation.allowed_choices(PLACEMENTS)} with noise_std="
-                f"{self.noise_std!r}",
-            )
-        validation.check_choice("distribution", self.distribution, DISTRIBUTIONS)
-        validation.check_choice("partitioning", self.partitioning, PARTITION_SCHEMES)
-        validation.check_choice("correlation", self.correlation, CORRELATIONS)
-        if (
-            self.correlation != INDEPENDENT
-            and self.noise_enabled
-            and self.placement != "local"
-        ):
-            raise validation.not_allowed(
-                "correlation",
-                self.correlation,
-                f"{INDEPENDENT!r} with placement={self.placement!r} (noise added "
-                "once per round has no previous draw to remove)",
-            )
-        object.__setattr__(
-            self, "sam_rho", validation.check_real("sam_rho", self.sam_rho, low=0.0)
-        )
+        for name, check, store in _EXPERIMENT_FIELDS:
+            value = check(name, getattr(self, name))
+            if store:
+                object.__setattr__(self, name, value)
+        _check_combinations(self)
 
     @property
     def noise_enabled(self) -> bool:
@@ -314,6 +318,28 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         """Return the fields as a JSON-ready dict."""
         return asdict(self)
+
+
+def _check_combinations(config: ExperimentConfig) -> None:
+    """Refuse the field combinations an experiment cannot run."""
+    if config.placement == NO_NOISE and config.noise_std > 0:
+        raise validation.not_allowed(
+            "placement",
+            config.placement,
+            f"{validation.allowed_choices(PLACEMENTS)} with noise_std="
+            f"{config.noise_std!r}",
+        )
+    if (
+        config.correlation != INDEPENDENT
+        and config.noise_enabled
+        and config.placement != "local"
+    ):
+        raise validation.not_allowed(
+            "correlation",
+            config.correlation,
+            f"{INDEPENDENT!r} with placement={config.placement!r} (noise added "
+            "once per round has no previous draw to remove)",
+        )
 
 
 @dataclass(frozen=True, eq=False)

@@ -137,79 +137,28 @@ class SweepGrid:
     serial_baselines: bool = True
 
     def __post_init__(self) -> None:
-        for name in (
-            "models",
-            "learners",
-            "images_per_learner",
-            "local_steps",
-            "noise_stds",
-            "schedules",
-            "relative",
-            "placements",
-            "partitionings",
-            "batch_sizes",
-            "learning_rates",
-            "seeds",
-            "correlations",
-            "accuracy_levels",
-        ):
-            values = getattr(self, name)
-            if not isinstance(values, Sequence) or isinstance(values, str):
-                raise validation.not_allowed(
-                    name, values, "a tuple of values", TypeError
-                )
-            if not values and not (name == "noise_stds" and self.sam_rhos):
-                raise validation.not_allowed(name, values, "at least one value")
-            # Keep the first occurrence of each value, in the given order.
-            object.__setattr__(self, name, tuple(dict.fromkeys(values)))
+        for name in _AXES:
+            empty_ok = name == "noise_stds" and bool(self.sam_rhos)
+            values = _distinct(name, getattr(self, name), empty_ok=empty_ok)
+            object.__setattr__(self, name, values)
         if self.relative_noise_stds is not None:
-            if True not in self.relative:
-                raise validation.not_allowed(
-                    "relative_noise_stds",
-                    self.relative_noise_stds,
-                    f"None with relative={self.relative!r} (True not in relative)",
-                )
-            if not self.relative_noise_stds:
-                raise validation.not_allowed(
-                    "relative_noise_stds",
-                    self.relative_noise_stds,
-                    "at least one value, or None",
-                )
-            object.__setattr__(
-                self,
-                "relative_noise_stds",
-                tuple(dict.fromkeys(self.relative_noise_stds)),
-            )
+            stds = _relative_stds(self.relative_noise_stds, self.relative)
+            object.__setattr__(self, "relative_noise_stds", stds)
         for seed in self.seeds:
             validation.check_integer("seeds", seed, low=0)
-        if not isinstance(self.sam_rhos, Sequence) or isinstance(self.sam_rhos, str):
-            raise validation.not_allowed(
-                "sam_rhos", self.sam_rhos, "a tuple of numbers > 0", TypeError
-            )
-        for rho in self.sam_rhos:
-            validation.check_real("sam_rhos", rho, low=0.0, low_open=True)
-        object.__setattr__(self, "sam_rhos", tuple(dict.fromkeys(self.sam_rhos)))
+        sam_rhos = _distinct(
+            "sam_rhos",
+            self.sam_rhos,
+            expected="a tuple of numbers > 0",
+            empty_ok=True,
+            each=lambda rho: validation.check_real(
+                "sam_rhos", rho, low=0.0, low_open=True
+            ),
+        )
+        object.__setattr__(self, "sam_rhos", sam_rhos)
         for level in self.accuracy_levels:
             validation.check_real("accuracy_levels", level, low=0.0, high=1.0)
-        if (self.rounds is None) == (self.total_local_steps is None):
-            raise validation.not_allowed(
-                "rounds",
-                self.rounds,
-                "an int >= 1 with total_local_steps=None, or None with an int "
-                f"total_local_steps (not {self.total_local_steps!r})",
-            )
-        if self.rounds is not None:
-            validation.check_integer("rounds", self.rounds, low=1)
-        else:
-            validation.check_integer("total_local_steps", self.total_local_steps, low=1)
-            for local_steps in self.local_steps:
-                validation.check_integer("local_steps", local_steps, low=1)
-                if self.total_local_steps % local_steps:
-                    raise validation.not_allowed(
-                        "local_steps",
-                        local_steps,
-                        f"a divisor of total_local_steps={self.total_local_steps}",
-                    )
+        _check_run_length(self.rounds, self.total_local_steps, self.local_steps)
         # Builds (and so validates) every configuration once.
         self.configurations()
 
@@ -294,6 +243,88 @@ class SweepGrid:
             name: list(value) if isinstance(value, tuple) else value
             for name, value in asdict(self).items()
         }
+
+
+# SweepGrid's axes: tuples of at least one value, duplicates dropped.
+_AXES: tuple[str, ...] = (
+    "models",
+    "learners",
+    "images_per_learner",
+    "local_steps",
+    "noise_stds",
+    "schedules",
+    "relative",
+    "placements",
+    "partitionings",
+    "batch_sizes",
+    "learning_rates",
+    "seeds",
+    "correlations",
+    "accuracy_levels",
+)
+
+
+def _distinct(
+    name: str,
+    values: Any,
+    *,
+    expected: str = "a tuple of values",
+    empty_ok: bool = False,
+    each: Callable[[Any], object] | None = None,
+) -> tuple[Any, ...]:
+    """Return ``values`` without repeats (first occurrence, given order), or raise.
+
+    ``each`` checks every value (repeats included) before they are compared.
+    """
+    if not isinstance(values, Sequence) or isinstance(values, str):
+        raise validation.not_allowed(name, values, expected, TypeError)
+    if not values and not empty_ok:
+        raise validation.not_allowed(name, values, "at least one value")
+    if each is not None:
+        for value in values:
+            each(value)
+    return tuple(dict.fromkeys(values))
+
+
+def _relative_stds(stds: Any, relative: tuple[bool, ...]) -> tuple[float, ...]:
+    """Return ``relative_noise_stds`` without repeats, or raise."""
+    if True not in relative:
+        raise validation.not_allowed(
+            "relative_noise_stds",
+            stds,
+            f"None with relative={relative!r} (True not in relative)",
+        )
+    if not stds:
+        raise validation.not_allowed(
+            "relative_noise_stds", stds, "at least one value, or None"
+        )
+    return tuple(dict.fromkeys(stds))
+
+
+def _check_run_length(
+    rounds: int | None, total_local_steps: int | None, local_steps: tuple[int, ...]
+) -> None:
+    """Check that exactly one of ``rounds`` and ``total_local_steps`` is given."""
+    if (rounds is None) == (total_local_steps is None):
+        raise validation.not_allowed(
+            "rounds",
+            rounds,
+            "an int >= 1 with total_local_steps=None, or None with an int "
+            f"total_local_steps (not {total_local_steps!r})",
+        )
+    if rounds is not None:
+        validation.check_integer("rounds", rounds, low=1)
+        return
+    validation.check_integer("total_local_steps", total_local_steps, low=1)
+    assert total_local_steps is not None
+    for steps in local_steps:
+        validation.check_integer("local_steps", steps, low=1)
+        if total_local_steps % steps:
+            raise validation.not_allowed(
+                "local_steps",
+                steps,
+                f"a divisor of total_local_steps={total_local_steps}",
+            )
 
 
 def summarize(values: Sequence[float]) -> dict[str, Any]:
