@@ -14,10 +14,7 @@ on the same fixed batch (batch 64):
 Every repetition runs one block of ``--steps`` steps of every variant, in a
 rotating order; the table shows the median per-step time over the blocks and
 its ratio to the baseline. ``noise-only`` times ``WeightNoise.perturb()`` on its
-own (no training), which is the added cost without the step-to-step jitter;
-``noise-only-one-shard`` the same with the buffer drawn as one shard on one
-thread (as before sharding; see ``flwr_noise.sampling.FlatTensorNoise``), so
-the two rows show what drawing the shards in parallel saves.
+own (no training), which is the added cost without the step-to-step jitter.
 
 Usage::
 
@@ -47,7 +44,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flwr_noise import NoiseSpec, WeightNoise, sampling  # noqa: E402
+from flwr_noise import NoiseSpec, WeightNoise  # noqa: E402
 from flwr_noise_app.tasks.models import build_model  # noqa: E402
 
 BATCH_SIZE = 64
@@ -160,20 +157,11 @@ def bench_model(
 
     noise_model = copy.deepcopy(base).to(device)
     noise_only = WeightNoise(noise_model, NoiseSpec(std=SIGMA, seed=0))
-    sharded_numel = sampling.SHARDED_NUMEL
-    sampling.SHARDED_NUMEL = sys.maxsize  # read when the buffers are built
-    try:
-        one_shard = WeightNoise(
-            copy.deepcopy(base).to(device), NoiseSpec(std=SIGMA, seed=0)
-        )
-    finally:
-        sampling.SHARDED_NUMEL = sharded_numel
     timed: dict[str, Callable[[], None]] = {
         variant: (lambda run=run: run(inputs, labels))
         for variant, run in variants.items()
     }
     timed["noise-only"] = noise_only.perturb
-    timed["noise-only-one-shard"] = one_shard.perturb
 
     for run in timed.values():
         time_block(run, warmup, device)
@@ -191,7 +179,7 @@ def bench_model(
     # ratio of medians.
     paired: dict[str, list[float]] = {}
     for variant, times in blocks.items():
-        if variant == "baseline" or variant.startswith("noise-only"):
+        if variant in ("baseline", "noise-only"):
             continue
         ratios = [
             time / base for time, base in zip(times, blocks["baseline"], strict=True)
@@ -203,15 +191,10 @@ def bench_model(
         "parameters": parameters,
         "median_ms_per_step": {k: v * 1e3 for k, v in medians.items()},
         "ratio_vs_baseline": {
-            k: v / baseline
-            for k, v in medians.items()
-            if not k.startswith("noise-only")
+            k: v / baseline for k, v in medians.items() if k != "noise-only"
         },
         "paired_ratio_quartiles": paired,
         "noise_only_fraction_of_baseline": medians["noise-only"] / baseline,
-        "noise_only_one_shard_fraction_of_baseline": (
-            medians["noise-only-one-shard"] / baseline
-        ),
         "block_ms_per_step": {k: [t * 1e3 for t in v] for k, v in blocks.items()},
     }
 
@@ -229,8 +212,7 @@ def print_table(result: dict[str, object]) -> None:
         if variant in ratios:
             ratio = f"{ratios[variant]:.3f}"
         else:
-            fraction = variant.replace("-", "_") + "_fraction_of_baseline"
-            ratio = f"+{result[fraction]:.3f}"
+            ratio = f"+{result['noise_only_fraction_of_baseline']:.3f}"
         spread = " / ".join(f"{value:.3f}" for value in paired.get(variant, []))
         print(f"  {variant:<28} {milliseconds:>9.2f} {ratio:>11} {spread:>32}")
 

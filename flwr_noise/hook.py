@@ -23,16 +23,10 @@ class WeightNoise:
     The selected parameters are the model's floating-point
     ``named_parameters()`` whose name ``spec.selects()``; buffers (normalization
     running statistics, ``num_batches_tracked``) and integer tensors are never
-    touched. The noise comes from generators seeded once from
+    touched. One ``torch.Generator`` per device, seeded once from
     ``seeding.torch_generator(spec.seed, client=..., server_round=...,
-    purpose=..., substream=k)`` and consumed application after application:
-    one per (device, dtype) group of parameters, and on the CPU one per shard
-    of a group of at least ``sampling.SHARDED_NUMEL`` elements, whose
-    ``sampling.SHARDS`` shards are drawn in parallel on idle cores (see
-    :class:`~flwr_noise.sampling.FlatTensorNoise`). The values depend on the
-    seed, the stream and the model only, never on the number of threads. With a
-    disabled spec (``std == 0``) everything is a no-op and the weights stay
-    bit-identical.
+    purpose=...)``, is consumed application after application. With a disabled
+    spec (``std == 0``) everything is a no-op and the weights stay bit-identical.
 
     With ``spec.correlation == "anticorrelated"`` the model carries at most one
     draw, the *pending* one: each application first removes the pending draw

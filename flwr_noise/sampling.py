@@ -8,12 +8,8 @@ laplace with scale ``b = sigma / sqrt(2)``.
 from __future__ import annotations
 
 import math
-import os
-import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
@@ -24,13 +20,6 @@ from flwr_noise.validation import allowed_choices, not_allowed
 # Normalization statistics travel in ArrayRecords beside the weights; never
 # perturb them.
 STATISTICS_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
-
-# A CPU buffer of at least SHARDED_NUMEL elements is filled in SHARDS equal
-# shards, each from its own generator (an independent sub-stream), so that
-# idle cores draw in parallel. The shard count is fixed, so the values never
-# depend on how many cores or threads there are.
-SHARDS = 8
-SHARDED_NUMEL = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -241,112 +230,21 @@ def fill_noise_(
         ``buffer``.
 
     """
-    _check_distribution(distribution)
-    if distribution == "laplace" and scratch is None:
-        scratch = torch.empty_like(buffer)
-    _draw_(buffer, scratch, sigma, distribution, generator)
-    return _finish_(buffer, scratch, sigma, distribution)
-
-
-def _draw_(
-    buffer: torch.Tensor,
-    scratch: torch.Tensor | None,
-    sigma: float,
-    distribution: str,
-    generator: torch.Generator | None,
-) -> None:
-    """Draw the random part of :func:`fill_noise_`: all it takes from ``generator``.
-
-    Laplace draws its uniforms into ``scratch``. On the CPU these are torch's
-    serial kernels, which release the GIL: shards of a buffer, each with its
-    own generator, can be drawn on several threads at once.
-    """
     if distribution == "gaussian":
-        buffer.normal_(0.0, sigma, generator=generator)
-    elif distribution == "uniform":
+        return buffer.normal_(0.0, sigma, generator=generator)
+    if distribution == "uniform":
         half_width = _uniform_half_width(sigma)
-        buffer.uniform_(-half_width, half_width, generator=generator)
-    else:
-        assert scratch is not None
-        scratch.uniform_(-1.0, 1.0, generator=generator)
-
-
-def _finish_(
-    buffer: torch.Tensor, scratch: torch.Tensor | None, sigma: float, distribution: str
-) -> torch.Tensor:
-    """Finish :func:`fill_noise_` after :func:`_draw_` (elementwise, no draws)."""
-    if distribution != "laplace":
-        return buffer
-    assert scratch is not None
+        return buffer.uniform_(-half_width, half_width, generator=generator)
+    _check_distribution(distribution)
     # Laplace by inverse CDF: u ~ U[-1, 1), x = -b sign(u) log(1 - |u|).
+    if scratch is None:
+        scratch = torch.empty_like(buffer)
+    scratch.uniform_(-1.0, 1.0, generator=generator)
     torch.abs(scratch, out=buffer)
     # u = -1 is a possible draw; keep log(1 - |u|) finite.
     largest_below_one = 1.0 - torch.finfo(buffer.dtype).eps / 2
     buffer.clamp_(max=largest_below_one).neg_().log1p_()
     return buffer.mul_(-_laplace_scale(sigma)).copysign_(scratch)
-
-
-_FILL_POOL: ThreadPoolExecutor | None = None
-_FILL_POOL_LOCK = threading.Lock()
-
-
-def _forget_fill_pool() -> None:
-    # A forked child inherits the pool object (and maybe a held lock) but not
-    # the threads.
-    global _FILL_POOL, _FILL_POOL_LOCK  # pylint: disable=global-statement
-    _FILL_POOL = None
-    _FILL_POOL_LOCK = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_fill_pool)
-
-
-def _fill_pool() -> ThreadPoolExecutor:
-    global _FILL_POOL  # pylint: disable=global-statement
-    with _FILL_POOL_LOCK:
-        if _FILL_POOL is None:
-            _FILL_POOL = ThreadPoolExecutor(
-                max_workers=max(min(SHARDS, os.cpu_count() or 1) - 1, 1),
-                thread_name_prefix="flwr-noise-fill",
-            )
-        return _FILL_POOL
-
-
-def _run_parallel(tasks: Sequence[Callable[[], object]]) -> None:
-    """Run ``tasks`` on up to ``torch.get_num_threads()`` threads; wait for all.
-
-    The calling thread and the helpers claim tasks one by one, so on a busy
-    machine, where a helper may not get a core soon, the calling thread does
-    the work itself instead of waiting; a helper that has not started by then
-    is cancelled. torch releases the GIL while it draws. Every task has
-    finished (or raised, re-raised here) when this returns.
-    """
-    workers = min(len(tasks), torch.get_num_threads())
-    if workers <= 1:
-        for task in tasks:
-            task()
-        return
-    claim_lock = threading.Lock()
-    claimed = [0]
-
-    def run_claimed() -> None:
-        while True:
-            with claim_lock:
-                index = claimed[0]
-                claimed[0] += 1
-            if index >= len(tasks):
-                return
-            tasks[index]()
-
-    pool = _fill_pool()
-    futures = [pool.submit(run_claimed) for _ in range(workers - 1)]
-    try:
-        run_claimed()
-    finally:
-        for future in futures:
-            if not future.cancel():
-                future.result()
 
 
 class _TensorGroup:
@@ -364,18 +262,6 @@ class _TensorGroup:
             self.views.append(self.buffer[offset : offset + size].view(tensor.shape))
             offset += size
         self.scratch = torch.empty_like(self.buffer) if needs_scratch else None
-        self.shards = (
-            SHARDS
-            if first.device.type == "cpu" and self.numel >= SHARDED_NUMEL
-            else 1
-        )
-        self.buffer_shards = self.buffer.tensor_split(self.shards)
-        self.scratch_shards = (
-            self.scratch.tensor_split(self.shards)
-            if self.scratch is not None
-            else (None,) * self.shards
-        )
-        self.generators: list[torch.Generator] = []
         self.inverse_sqrt_numels = [1.0 / math.sqrt(t.numel()) for t in tensors]
         # Norms and scales are computed in at least float32 (an fp16 norm
         # overflows at 65504), stay on the device, and the norms are read
@@ -383,22 +269,6 @@ class _TensorGroup:
         self.norm_dtype = torch.promote_types(first.dtype, torch.float32)
         self.last_norm = torch.zeros((), device=first.device, dtype=self.norm_dtype)
         self.squared_norm_sum = torch.zeros_like(self.last_norm)
-
-    def fill(self, sigma: float, distribution: str) -> None:
-        """Fill the buffer with noise, drawing the shards in parallel."""
-        _run_parallel(
-            [
-                partial(_draw_, buffer, scratch, sigma, distribution, generator)
-                for buffer, scratch, generator in zip(
-                    self.buffer_shards,
-                    self.scratch_shards,
-                    self.generators,
-                    strict=True,
-                )
-            ]
-        )
-        # Elementwise, on the whole buffer: torch's own threads share it out.
-        _finish_(self.buffer, self.scratch, sigma, distribution)
 
     def rms_scales(self, sigma: float) -> list[torch.Tensor]:
         """``sigma * RMS`` of each tensor, as 0-dim tensors of ``norm_dtype``."""
@@ -420,21 +290,10 @@ class FlatTensorNoise:
     Built once: the tensors are grouped by (device, dtype), each group gets one
     flat buffer and views into it. Each application fills every buffer with one
     in-place draw and adds it with fused ``torch._foreach_*`` ops, under
-    ``torch.no_grad`` on the tensors' own device.
-
-    Every group draws from its own generators. A CPU buffer of at least
-    ``SHARDED_NUMEL`` elements is split into ``SHARDS`` equal shards
-    (``tensor_split``), each with its own generator (its own sub-stream), and
-    the shards are filled in parallel on up to ``torch.get_num_threads()``
-    threads (torch's CPU generator draws on one core; the rest of the step
-    leaves the others idle). The shard count is fixed, so the values depend on
-    the seed and the model only, never on the number of cores or threads. A
-    smaller buffer, and any buffer on an accelerator, is one shard.
-
-    ``relative`` scaling computes one small RMS tensor per tensor, in at least
-    float32. An application made with ``removable=True`` keeps the exact
-    change it made in the buffer, so :meth:`remove` can take it out again
-    (anticorrelated noise).
+    ``torch.no_grad`` on the tensors' own device. ``relative`` scaling computes
+    one small RMS tensor per tensor, in at least float32. An application made
+    with ``removable=True`` keeps the exact change it made in the buffer, so
+    :meth:`remove` can take it out again (anticorrelated noise).
 
     Parameters
     ----------
@@ -448,10 +307,9 @@ class FlatTensorNoise:
     relative : bool
         Scale sigma by each tensor's RMS at application time.
     generator_for : Callable[[torch.device, int], torch.Generator]
-        Returns a generator on a device, given the device and a sub-stream
-        index; called here once per shard of every group, with the indices
-        0, 1, 2, ... in order (group by group, shard by shard), so every shard
-        draws an independent sub-stream.
+        Returns the generator for a device, given the device and its index
+        among the tensors' devices (for independent per-device sub-streams);
+        called once per device, here.
     track_norm : bool (default: True)
         Accumulate the L2 norm of the change on the device.
 
@@ -488,11 +346,10 @@ class FlatTensorNoise:
             _TensorGroup(group, needs_scratch=distribution == "laplace")
             for group in grouped.values()
         ]
-        substream = 0
-        for group in self._groups:
-            for _ in range(group.shards):
-                group.generators.append(generator_for(group.buffer.device, substream))
-                substream += 1
+        self._generators: dict[torch.device, torch.Generator] = {}
+        for device, _ in grouped:
+            if device not in self._generators:
+                self._generators[device] = generator_for(device, len(self._generators))
         self.numel = sum(group.numel for group in self._groups)
 
     @torch.no_grad()
@@ -515,11 +372,16 @@ class FlatTensorNoise:
                 if removable:
                     group.buffer.zero_()
                 continue
+            generator = self._generators[group.buffer.device]
             if self.relative:
-                group.fill(1.0, self.distribution)
+                fill_noise_(
+                    group.buffer, 1.0, self.distribution, generator, group.scratch
+                )
                 torch._foreach_mul_(group.views, group.rms_scales(sigma))
             else:
-                group.fill(sigma, self.distribution)
+                fill_noise_(
+                    group.buffer, sigma, self.distribution, generator, group.scratch
+                )
             if self.mode == "multiplicative":
                 # w * (1 + e) = w + w * e: turn the buffer into the change itself.
                 torch._foreach_mul_(group.views, group.tensors)
