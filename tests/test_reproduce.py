@@ -612,3 +612,19 @@ def test_a_sweep_split_by_seed_and_row_merges_into_the_whole() -> None:
         assert ours.keys() == theirs.keys()
         for key in ("local_gain", "averaged_gain", "serial_accuracy", "local_loss"):
             assert ours[key]["values"] == pytest.approx(theirs[key]["values"]), key
+
+
+def test_serial_baselines_of_some_seeds_only_merge_over_those_seeds() -> None:
+    from flwr_noise_app.reproduce.sweep import merge_summaries
+
+    whole = tiny_grid(placements=("local",), noise_stds=(0.0,))
+    with_serial = run_sweep(replace(whole, seeds=(whole.seeds[0],)))
+    without = run_sweep(
+        replace(whole, seeds=(whole.seeds[1],), serial_baselines=False)
+    )
+    expected = with_serial["entries"][0]["serial_accuracy"]["values"]
+    for parts in ([with_serial, without], [without, with_serial]):
+        (entry,) = merge_summaries(parts)["entries"]
+        assert entry["serial_accuracy"]["values"] == expected
+        assert entry["serial_seeds"] == [whole.seeds[0]]
+        assert sorted(entry["seeds"]) == sorted(whole.seeds[:2])

@@ -461,9 +461,19 @@ def _merge_entries(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return float(np.average(values, weights=weights))
 
     merged: dict[str, Any] = {}
-    for key, value in parts[0].items():
+    keys = dict.fromkeys(key for part in parts for key in part)
+    for key in keys:
+        value = next(part[key] for part in parts if key in part)
         if isinstance(value, dict) and "values" in value:
-            merged[key] = summarize([v for part in parts for v in part[key]["values"]])
+            # Serial baselines may come from some seeds only (the other
+            # processes ran with --no-serial): summarize the seeds that have them.
+            merged[key] = summarize(
+                [v for part in parts if key in part for v in part[key]["values"]]
+            )
+            if key in SERIAL_FIELDS and not all(key in part for part in parts):
+                merged["serial_seeds"] = [
+                    seed for part in parts if key in part for seed in part["seeds"]
+                ]
         elif key == "seeds":
             merged[key] = [seed for part in parts for seed in part["seeds"]]
         elif key == "sigma_over_layer_rms":
