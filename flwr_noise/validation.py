@@ -15,6 +15,9 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+# Longest repr of a value that an error message shows.
+MAX_SHOWN = 200
+
 
 def not_allowed(
     label: str, value: Any, expected: str, error: type[Exception] = ValueError
@@ -42,6 +45,10 @@ def not_allowed(
     shown = repr(value)
     if "\n" in shown:
         shown = " ".join(line.strip() for line in shown.splitlines())
+    # A value off the wire can be megabytes long; the message (and the log
+    # line it becomes) names it, it need not carry all of it.
+    if len(shown) > MAX_SHOWN:
+        shown = f"{shown[:MAX_SHOWN]}... ({len(shown)} characters)"
     return error(f"{label}={shown} is not allowed: expected {expected}")
 
 

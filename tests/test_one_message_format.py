@@ -137,3 +137,11 @@ def test_not_allowed_is_the_one_format_on_one_line() -> None:
     assert str(error) == (
         "model=first second is not allowed: expected a torch.nn.Module"
     )
+
+
+def test_not_allowed_shortens_a_huge_value() -> None:
+    error = not_allowed("ConfigRecord['noise.local.std']", "x" * 10_000_000, "a number")
+    message = str(error)
+    assert len(message) < 400
+    assert message.startswith("ConfigRecord['noise.local.std']='xxx")
+    assert "(10000002 characters) is not allowed: expected a number" in message
