@@ -837,4 +837,3 @@ def write_report(report: Mapping[str, Any], path: Path) -> Path:
 def default_report_path(name: str) -> Path:
     """``benchmarks/results/<name>.json``."""
     return RESULTS_DIR / f"{name}.json"
-

@@ -153,9 +153,7 @@ def test_run_isolated_reports_the_job_error() -> None:
 def test_run_isolated_kills_the_process_tree_of_a_job_past_its_timeout() -> None:
     marker = f"{uuid.uuid4().int % 10**6 + 10**6}"
     with pytest.raises(RuntimeError, match="ran past 2"):
-        common.run_isolated(
-            subprocess.run, {"args": ["sleep", marker]}, timeout_s=2.0
-        )
+        common.run_isolated(subprocess.run, {"args": ["sleep", marker]}, timeout_s=2.0)
 
     sleeping = [
         process

@@ -22,8 +22,7 @@ PACKAGES = ("flwr_noise", "flwr_noise_app", "server_app", "client_app")
 HELPER = "flwr_noise/validation.py"
 # Hand-written messages still waiting for their owner to convert them; the
 # count may only shrink. Drop a file's entry when it reaches zero.
-PENDING = {
-}
+PENDING = {}
 HAND_WRITTEN = re.compile(r"\bnot\s+allowed\b")
 
 

@@ -619,12 +619,44 @@ def test_serial_baselines_of_some_seeds_only_merge_over_those_seeds() -> None:
 
     whole = tiny_grid(placements=("local",), noise_stds=(0.0,))
     with_serial = run_sweep(replace(whole, seeds=(whole.seeds[0],)))
-    without = run_sweep(
-        replace(whole, seeds=(whole.seeds[1],), serial_baselines=False)
-    )
+    without = run_sweep(replace(whole, seeds=(whole.seeds[1],), serial_baselines=False))
     expected = with_serial["entries"][0]["serial_accuracy"]["values"]
     for parts in ([with_serial, without], [without, with_serial]):
         (entry,) = merge_summaries(parts)["entries"]
         assert entry["serial_accuracy"]["values"] == expected
         assert entry["serial_seeds"] == [whole.seeds[0]]
         assert sorted(entry["seeds"]) == sorted(whole.seeds[:2])
+
+
+def test_merged_dirichlet_runs_say_which_alpha_each_row_has() -> None:
+    from flwr_noise_app.reproduce.report import markdown_summary
+    from flwr_noise_app.reproduce.sweep import merge_summaries
+
+    skewed = tiny_grid(
+        placements=("local",),
+        partitionings=("dirichlet",),
+        seeds=(0,),
+        serial_baselines=False,
+    )
+    parts = [run_sweep(replace(skewed, dirichlet_alpha=alpha)) for alpha in (0.1, 0.5)]
+    merged = merge_summaries(parts)
+    rows = [
+        line
+        for line in markdown_summary(merged).splitlines()
+        if line.startswith("| dirichlet")
+    ]
+    table_rows = rows[: len(merged["entries"])]
+    assert [row.split(" | ")[0] for row in table_rows] == [
+        "| dirichlet α=0.1",
+        "| dirichlet α=0.1",
+        "| dirichlet α=0.5",
+        "| dirichlet α=0.5",
+    ]
+    for part, alpha in zip(parts, ("0.1", "0.5"), strict=True):
+        (noisy,) = [e for e in part["entries"] if e["config"]["noise_std"] > 0]
+        (row,) = [r for r in table_rows if f"α={alpha}" in r and "local 0.01" in r]
+        gain = noisy["averaged_gain"]["mean"] * 100
+        assert f"{gain:+.1f}" in row
+
+    iid = markdown_summary(run_sweep(replace(skewed, partitionings=("iid",))))
+    assert "partitioning=iid" in iid and "α" not in iid

@@ -128,6 +128,9 @@ def _setting_value(config: dict[str, Any], name: str) -> str:
         return "all"
     if name == "learning_rate":
         return f"{value:g}"
+    if name == "partitioning" and value == "dirichlet":
+        # Merged runs can differ in alpha alone; a row must say which it is.
+        return f"dirichlet α={config['dirichlet_alpha']:g}"
     return str(value)
 
 
