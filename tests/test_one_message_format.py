@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import re
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -20,9 +19,6 @@ from flwr_noise.validation import not_allowed
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("flwr_noise", "flwr_noise_app", "server_app", "client_app")
 HELPER = "flwr_noise/validation.py"
-# Hand-written messages still waiting for their owner to convert them; the
-# count may only shrink. Drop a file's entry when it reaches zero.
-PENDING = {}
 HAND_WRITTEN = re.compile(r"\bnot\s+allowed\b")
 
 
@@ -96,19 +92,11 @@ def _scan() -> dict[str, list[tuple[int, str]]]:
 
 def test_only_the_validation_helper_writes_not_allowed() -> None:
     found = _scan()
-    counts = Counter({name: len(messages) for name, messages in found.items()})
-    over = {
-        name: found[name]
-        for name, count in counts.items()
-        if count > PENDING.get(name, 0)
-    }
-    assert not over, (
+    assert not found, (
         "hand-written 'not allowed' messages: raise "
         "flwr_noise.validation.not_allowed(label, value, expected) instead: "
-        f"{over}"
+        f"{found}"
     )
-    done = [name for name in PENDING if counts[name] < PENDING[name]]
-    assert not done, f"converted, so lower or drop their PENDING entries: {done}"
 
 
 @pytest.mark.parametrize(
